@@ -1,0 +1,13 @@
+"""robustkit: adversarial robustness on PyTorch.
+
+Pixel space everywhere: images are ``(B, C, H, W)`` floats in ``[0, 1]``; the
+model's first layer normalizes.
+"""
+
+from robustkit.registry import ATTACKS, CERTIFIERS, DATASETS, DEFENSES, MODELS
+from robustkit.threat import ThreatModel, parse_eps
+from robustkit.zoo import RobustModel, create, load, save
+
+__all__ = ["ATTACKS", "CERTIFIERS", "DATASETS", "DEFENSES", "MODELS", "RobustModel", "ThreatModel",
+           "create", "load", "parse_eps", "save"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from robustkit.cli import main
+
+sys.exit(main())

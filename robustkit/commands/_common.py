@@ -1,0 +1,34 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from robustkit.device import resolve_device, seed_everything
+from robustkit.zoo import RobustModel
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--seed``: every command has them."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def add_data(p: argparse.ArgumentParser, default: str = "mnist5k") -> None:
+    p.add_argument("--dataset", default=default, help=f"dataset name (robustkit datasets); default {default}")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets live (default ./data)")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+
+
+def setup(args: argparse.Namespace):  # -> torch.device
+    seed_everything(args.seed)
+    return resolve_device(args.device)
+
+
+def load_model_arg(spec: str, device) -> RobustModel:
+    """``--model``: a run directory, a model directory / model.json, or a built-in arch name
+    is an error (models must be trained first)."""
+    from robustkit.zoo import load
+
+    return load(Path(spec), map_location=device)

@@ -1,0 +1,135 @@
+"""ThreatModel: the geometry of an L-inf or L2 ball in pixel space.
+
+Every attack and every adversarial-training objective uses this one class for
+random starts, steepest-ascent steps and projections; nobody re-derives them.
+Images are ``(B, C, H, W)`` floats in ``[0, 1]`` (the pixel-space contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+NORMS = ("linf", "l2")
+
+
+def parse_eps(value: float | int | str) -> float:
+    """Parse an epsilon: a number or a string such as ``"8/255"``, ``"0.3"``.
+
+    Raises ``ValueError`` for anything else, for NaN/inf and for negative values.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            eps = float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}") from None
+    else:
+        raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
+    if eps != eps or eps in (float("inf"), float("-inf")):
+        raise ValueError(f"eps must be finite, got {value!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {value!r}")
+    return eps
+
+
+def _bnorm(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm, shaped to broadcast over ``(B, C, H, W)``: ``(B, 1, 1, 1)``."""
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An ``eps``-ball in the ``norm`` ("linf" or "l2") intersected with ``[0, 1]``.
+
+    ``eps`` is a float or a per-sample tensor of shape ``(B,)`` (tensor eps is used
+    by robustness curves and IBP radius search).
+    """
+
+    norm: str
+    eps: float | torch.Tensor
+
+    def __post_init__(self) -> None:
+        norm = str(self.norm).lower().replace("-", "").replace("_", "")
+        norm = {"inf": "linf", "l∞": "linf"}.get(norm, norm)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
+        object.__setattr__(self, "norm", norm)
+        if isinstance(self.eps, torch.Tensor):
+            if self.eps.dim() > 1 or bool((self.eps < 0).any()) or not bool(torch.isfinite(self.eps).all()):
+                raise ValueError("tensor eps must be a finite, non-negative (B,) tensor")
+        else:
+            object.__setattr__(self, "eps", parse_eps(self.eps))
+
+    # -- helpers -------------------------------------------------------------
+    def _eps(self, like: torch.Tensor) -> torch.Tensor | float:
+        """eps as a scalar or a ``(B, 1, 1, 1)`` tensor matching ``like``."""
+        if isinstance(self.eps, torch.Tensor):
+            return self.eps.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        return self.eps
+
+    def default_step_size(self, steps: int) -> float | torch.Tensor:
+        """The common heuristic ``2.5 * eps / steps`` (Madry et al. 2018)."""
+        return 2.5 * (self.eps if not isinstance(self.eps, torch.Tensor) else self.eps) / max(int(steps), 1)
+
+    # -- the three geometric operations ---------------------------------------
+    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A uniform point of the ball around ``x`` (L-inf: uniform box; L2: uniform
+        in the ball), clipped to ``[0, 1]``. Returns a new tensor ``(B, C, H, W)``."""
+        eps = self._eps(x)
+        if self.norm == "linf":
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = (2 * u - 1) * eps
+        else:
+            g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            g = g / _bnorm(g).clamp_min(1e-12)
+            d = x[0].numel()
+            r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+            delta = g * r.view(-1, *([1] * (x.dim() - 1))) * eps
+        return (x + delta).clamp_(0.0, 1.0)
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float | torch.Tensor) -> torch.Tensor:
+        """One steepest-ascent step (not yet projected): L-inf ``sign(g)``,
+        L2 ``g / ||g||_2``. ``step_size`` is a float or a ``(B,)`` tensor."""
+        if isinstance(step_size, torch.Tensor):
+            step_size = step_size.to(x_adv.device, x_adv.dtype).view(-1, *([1] * (x_adv.dim() - 1)))
+        if self.norm == "linf":
+            return x_adv + step_size * grad.sign()
+        return x_adv + step_size * grad / _bnorm(grad).clamp_min(1e-12)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x_adv`` onto the ball around ``x``, then onto ``[0, 1]``.
+
+        For L-inf, clipping to the box and then to ``[0, 1]`` is the exact
+        projection onto the intersection. For L2 the result stays inside both sets
+        (the box clip only shrinks the perturbation). Returns a new tensor.
+        """
+        eps = self._eps(x)
+        delta = x_adv - x
+        if self.norm == "linf":
+            if isinstance(eps, torch.Tensor):
+                delta = torch.maximum(torch.minimum(delta, eps), -eps)
+            else:
+                delta = delta.clamp(-eps, eps)
+        else:
+            n = _bnorm(delta)
+            delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def norm_of(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-sample size of ``delta`` in this threat model's norm: ``(B,)``."""
+        flat = delta.flatten(1)
+        return flat.abs().amax(dim=1) if self.norm == "linf" else flat.norm(dim=1)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+        """``(B,)`` bool: inside the ball (up to ``tol``) and inside ``[0, 1]``."""
+        eps = self.eps if not isinstance(self.eps, torch.Tensor) else self.eps.to(x.device)
+        in_ball = self.norm_of(x_adv - x) <= eps + tol
+        in_box = (x_adv.flatten(1).amin(1) >= -tol) & (x_adv.flatten(1).amax(1) <= 1 + tol)
+        return in_ball & in_box
