@@ -1,0 +1,198 @@
+"""One training loop for every defense objective.
+
+The ``Trainer`` owns the optimizer, the LR schedule (per step), AMP, channels_last,
+gradient clipping, progress bars, per-epoch metrics, checkpoints and resume; the
+objective (``defenses.base.Defense``) owns only the loss. It trains from scratch or
+from a pretrained model alike (fine-tuning is training with a different schedule).
+
+Resume is exact: the checkpoint holds the weights, optimizer, scheduler, AMP scaler
+and RNG states and the position (epoch, batch) in the deterministic loader order, so
+an interrupted run continued with ``resume=True`` ends with the same weights as an
+uninterrupted one (on the same device).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from defenses.base import Defense, StepContext
+from defenses.schedules import Schedule, lr_lambda
+from robustkit.data import TensorLoader
+from robustkit.runs import RunDir
+from robustkit.zoo import RobustModel
+
+Evaluator = Callable[[RobustModel], dict[str, float]]
+
+
+def make_optimizer(params, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   nesterov: bool = False) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw")
+
+
+def _unwrap(model: nn.Module) -> RobustModel:
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+class Trainer:
+    """Train ``model`` with ``defense`` on ``loader`` for ``epochs``.
+
+    Args:
+        model: a ``RobustModel`` (or a DDP wrapper around one), already on its device.
+        defense: the objective.
+        loader: a ``TensorLoader`` (deterministic order per epoch via ``set_epoch``).
+        schedule: LR multiplier by training progress (``defenses.schedules``).
+        evaluator: called after each epoch with the model in eval mode; returns metrics
+            such as ``clean_accuracy`` / ``robust_accuracy``.
+        run: where checkpoints and metrics go (``None``: keep nothing on disk).
+        best_by: metric that selects ``checkpoints/best`` (higher is better).
+        checkpoint_every: also write ``last`` every N optimizer steps (0: per epoch only).
+        is_main: only the main process (DDP rank 0) writes files.
+    """
+
+    def __init__(self, model: nn.Module, defense: Defense, loader: TensorLoader, *, epochs: int,
+                 optimizer: torch.optim.Optimizer, schedule: Schedule, amp: bool = False,
+                 channels_last: bool = False, grad_clip: float | None = None, evaluator: Evaluator | None = None,
+                 run: RunDir | None = None, best_by: str = "robust_accuracy", checkpoint_every: int = 0,
+                 progress: bool = True, is_main: bool = True) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
+        self.model, self.defense, self.loader, self.epochs = model, defense, loader, epochs
+        self.optimizer, self.amp, self.grad_clip = optimizer, amp, grad_clip
+        self.evaluator, self.run, self.best_by = evaluator, run, best_by
+        self.checkpoint_every, self.progress, self.is_main = checkpoint_every, progress, is_main
+        self.steps_per_epoch = max(len(loader), 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(schedule, epochs * self.steps_per_epoch))
+        self.device = next(_unwrap(model).parameters()).device
+        self.amp_dtype = torch.bfloat16 if (amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()) \
+            else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda"
+                                           and self.amp_dtype == torch.float16)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.epoch, self.batch, self.step, self.best = 0, 0, 0, -math.inf
+        self.history: list[dict[str, Any]] = []
+
+    # -- state ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
+                             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                             "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            s["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if hasattr(self.defense, "state_dict"):
+            s["defense"] = self.defense.state_dict()
+        return s
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        self.epoch, self.batch, self.step = int(s["epoch"]), int(s["batch"]), int(s["step"])
+        self.best = float(s.get("best", -math.inf))
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        torch.set_rng_state(s["rng_cpu"])
+        if "rng_cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["rng_cuda"])
+        if "defense" in s and hasattr(self.defense, "load_state_dict"):
+            self.defense.load_state_dict(s["defense"])
+
+    def _checkpoint(self, name: str = "last") -> None:
+        if self.run is not None and self.is_main:
+            self.run.save_checkpoint(name, _unwrap(self.model), self.state() if name == "last" else None)
+
+    # -- the loop ------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train; returns the per-epoch metric records (also appended to ``metrics.jsonl``)."""
+        if resume:
+            if self.run is None:
+                raise ValueError("resume needs a run directory")
+            self.load_state(self.run.load_checkpoint("last", _unwrap(self.model)))
+            if self.is_main:
+                self.run.truncate_metrics(self.epoch)
+            self.history = self.run.metrics()
+        while self.epoch < self.epochs:
+            record = self._train_epoch()
+            record.update(self._evaluate())
+            self.history.append(record)
+            self.epoch, self.batch = self.epoch + 1, 0
+            improved = record.get(self.best_by, -math.inf) > self.best
+            if improved:
+                self.best = record[self.best_by]
+            if self.run is not None and self.is_main:
+                self.run.log(record)
+                self._checkpoint("last")
+                if improved or self.run.checkpoint_dir("best") is None:
+                    self._checkpoint("best")
+        return self.history
+
+    def _train_epoch(self) -> dict[str, Any]:
+        model, loader = self.model, self.loader
+        loader.set_epoch(self.epoch)
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        n_batches = 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   disable=not (self.progress and self.is_main), leave=False, initial=self.batch)
+        for b, (x, y) in enumerate(loader):
+            if b < self.batch:  # resuming mid-epoch: the order is deterministic, skip what was done
+                continue
+            ctx = StepContext(self.epoch, self.epochs, self.step, self.steps_per_epoch, self.optimizer)
+            logs = self._train_step(x, y, ctx)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
+            n_batches += 1
+            self.step, self.batch = self.step + 1, b + 1
+            bar.update(1)
+            if n_batches % 20 == 0:
+                bar.set_postfix({k: f"{float(v) / n_batches:.3f}" for k, v in sums.items()})
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
+                self._checkpoint("last")
+        bar.close()
+        rec: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
+                               "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": time.perf_counter() - t0}
+        rec.update({f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()})
+        return rec
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, Any]:
+        self.defense.before_loss(self.model, x, y, ctx)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
+            loss, logs = self.defense.loss(self.model, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at epoch {ctx.epoch + 1}, step {ctx.step}; "
+                                     "lower the learning rate or enable grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.defense.after_step(self.model, ctx)
+        return logs
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        t0 = time.perf_counter()
+        out = dict(self.evaluator(_unwrap(self.model)))
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
