@@ -36,7 +36,7 @@ class RunDir:
         self.plots = self.path / "plots"
 
     def create(self, config_yaml: str, resume: bool = False) -> RunDir:
-        if self.path.exists() and not resume and (self.ckpt / "last").exists():
+        if self.path.exists() and not resume and self.checkpoint_dir("last") is not None:
             raise CheckpointError(f"run directory {self.path} already holds a run; pass --resume to continue it "
                                   "or choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
