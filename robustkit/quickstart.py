@@ -1,0 +1,235 @@
+"""The main job on the embedded mnist5k data, end to end:
+
+1. ``standard``   standard training of the IBP small CNN (the "pretrained" model);
+2. ``finetune``   adversarial fine-tuning of it with TRADES + AWP and the slow-start-fast-decay
+                  schedule (Jeddi et al. 2020);
+3. ``noise``      Gaussian-noise training (the base classifier of randomized smoothing);
+4. ``ibp``        IBP certified training (Gowal et al. 2018);
+5. ``certify``    smoothing radii of the noise model, IBP radii of the IBP model;
+6. ``benchmark``  clean / AutoAttack / PGD / fast-ensemble accuracy of all four models;
+7. ``report.md``  one page with the leaderboard, certified-accuracy curves and training curves.
+
+Every stage writes into its own directory under ``out`` and is skipped when its results
+exist, so an interrupted quickstart resumes where it stopped. ``full=True`` uses bigger
+settings (more epochs, more images, more smoothing samples).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from robustkit.config import TrainConfig, load_config
+from robustkit.data import load_data
+from robustkit.io import atomic_write_json
+from robustkit.report import line_plot, md_table, write_markdown
+from robustkit.zoo import load
+
+
+@dataclass(frozen=True)
+class Settings:
+    arch: str = "ibp-small"
+    pretrain_epochs: int = 10
+    finetune_epochs: int = 5
+    trades_steps: int = 20
+    noise_epochs: int = 10
+    sigma: float = 0.25
+    ibp_epochs: int = 20
+    ibp_eps: float = 0.1
+    eps: float = 0.3                      # L-inf threat model of the benchmark (MNIST standard)
+    eval_n: int = 500                     # per-epoch held-out slice
+    smoothing_images: int = 100
+    smoothing_n0: int = 100
+    smoothing_n: int = 2_000
+    alpha: float = 0.001
+    bench_n: int = 200                    # AutoAttack subset (first n test images)
+    ibp_images: int = 1000
+
+    @classmethod
+    def make(cls, full: bool) -> Settings:
+        if not full:
+            return cls()
+        return cls(pretrain_epochs=20, finetune_epochs=10, trades_steps=40, noise_epochs=30, ibp_epochs=60,
+                   smoothing_images=500, smoothing_n=100_000, bench_n=1000)
+
+
+def _train_cfg(s: Settings, name: str, **over: Any) -> TrainConfig:
+    base = [f"model.arch={s.arch}", "data.name=mnist5k", f"eval.n={s.eval_n}", "eval.attack=pgd",
+            f"eval.eps={s.eps}", "eval.steps=10"]
+    return load_config(None, base + [f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def stage_configs(s: Settings, out: Path) -> dict[str, TrainConfig]:
+    return {
+        "standard": _train_cfg(s, "standard", epochs=s.pretrain_epochs, **{"optim.lr": 0.05, "defense.name": "standard",
+                                                                           "eval.best_by": "clean_accuracy"}),
+        "finetune": _train_cfg(s, "finetune", epochs=s.finetune_epochs, **{
+            "model.pretrained": str(out / "standard"), "optim.lr": 0.05, "schedule.name": "slow-start-fast-decay",
+            "defense.name": "trades", "defense.params": {"preset": "mnist", "steps": s.trades_steps,
+                                                         "step_size": 0.01 * 40 / s.trades_steps},
+            "defense.weight_perturbation": "awp", "defense.wp_params": {"gamma": 5e-3, "warmup_epochs": 0}}),
+        "noise": _train_cfg(s, "noise", epochs=s.noise_epochs, **{"optim.lr": 0.05, "defense.name": "noise",
+                                                                   "defense.params": {"sigma": s.sigma},
+                                                                   "eval.best_by": "clean_accuracy"}),
+        "ibp": _train_cfg(s, "ibp", epochs=s.ibp_epochs, **{"optim.name": "adam", "optim.lr": 1e-3,
+                                                             "optim.weight_decay": 0.0, "schedule.name": "step",
+                                                             "schedule.milestones": [0.6, 0.85], "defense.name": "ibp",
+                                                             "defense.params": {"eps": s.ibp_eps},
+                                                             "eval.eps": s.ibp_eps}),
+    }
+
+
+def _done(d: Path) -> bool:
+    return (d / "results.json").is_file()
+
+
+def run_quickstart(out: str | Path, device: torch.device, full: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = lambda m: None) -> Path:
+    """Run (or resume) every stage; returns the path of the combined ``report.md``."""
+    from defenses.recipe import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = Settings.make(full)
+    atomic_write_json(out / "settings.json", asdict(s))
+    timings: dict[str, float] = _load_json(out / "timings.json")
+    for name, cfg in stage_configs(s, out).items():
+        d = out / name
+        if _done(d):
+            log(f"[{name}] done already: {d}")
+            continue
+        log(f"[{name}] training {cfg.model.arch} with {cfg.defense.name}"
+            f"{' + ' + cfg.defense.weight_perturbation if cfg.defense.weight_perturbation else ''}, "
+            f"{cfg.epochs} epochs -> {d}")
+        t0 = time.perf_counter()
+        resume = (d / "checkpoints").exists()
+        train(cfg, d, device, resume=resume, progress=progress)
+        timings[name] = timings.get(name, 0.0) * resume + time.perf_counter() - t0
+        atomic_write_json(out / "timings.json", timings)
+    if not _done(out / "certify"):
+        log("[certify] smoothing radii (noise model), IBP radii (ibp model)")
+        t0 = time.perf_counter()
+        certify_stage(out, s, device, progress)
+        timings["certify"] = time.perf_counter() - t0
+        atomic_write_json(out / "timings.json", timings)
+    if not _done(out / "benchmark"):
+        log(f"[benchmark] AutoAttack, PGD and the fast ensemble on the first {s.bench_n} test images")
+        t0 = time.perf_counter()
+        benchmark_stage(out, s, device)
+        timings["benchmark"] = time.perf_counter() - t0
+        atomic_write_json(out / "timings.json", timings)
+    return write_report(out, s, timings)
+
+
+def _load_json(p: Path) -> dict[str, Any]:
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def certify_stage(out: Path, s: Settings, device: torch.device, progress: bool) -> None:
+    from certify.ibp import certified_radius
+    from certify.smoothing import Smooth
+
+    test = load_data("mnist5k", "test")
+    res: dict[str, Any] = {"settings": asdict(s)}
+    # randomized smoothing (Cohen et al. 2019): L2 radii of the smoothed noise-trained model
+    model = load(out / "noise", map_location=device)
+    x, y = test.tensors(s.smoothing_images)
+    smooth = Smooth(model, model.num_classes, s.sigma)
+    preds, radii, abst = [], [], []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(y), 10), desc="smoothing", disable=not progress, leave=False):
+        c = smooth.certify(x[i:i + 10].to(device), n0=s.smoothing_n0, n=s.smoothing_n, alpha=s.alpha,
+                           batch_size=1000)
+        preds.append(c.prediction.cpu())
+        radii.append(c.radius.cpu())
+        abst.append(c.abstained.cpu())
+    pred, rad, ab = torch.cat(preds), torch.cat(radii), torch.cat(abst)
+    ok = (pred == y) & ~ab
+    grid = [round(r, 3) for r in torch.linspace(0, 2 * s.sigma * 2, 17).tolist()]
+    res["smoothing"] = {"sigma": s.sigma, "n0": s.smoothing_n0, "n": s.smoothing_n, "alpha": s.alpha,
+                        "images": len(y), "seconds": time.perf_counter() - t0,
+                        "clean_accuracy_smoothed": float(((pred == y) & ~ab).float().mean()),
+                        "abstained": float(ab.float().mean()),
+                        "curve": {"radius": grid, "certified_accuracy": [float((ok & (rad >= r)).float().mean())
+                                                                         for r in grid]}}
+    # IBP (Gowal et al. 2018): L-inf radii of the IBP-trained model, and of the standard one for contrast
+    x, y = test.tensors(s.ibp_images)
+    res["ibp"] = {}
+    for name in ("ibp", "standard"):
+        m = load(out / name, map_location=device)
+        t0 = time.perf_counter()
+        r = torch.cat([certified_radius(m, x[i:i + 500].to(device), y[i:i + 500].to(device), method="ibp",
+                                        tol=1e-3, max_eps=0.5).cpu() for i in range(0, len(y), 500)])
+        eps_grid = [round(e, 3) for e in torch.linspace(0, 0.3, 13).tolist()]
+        res["ibp"][name] = {"images": len(y), "seconds": time.perf_counter() - t0,
+                            f"certified_accuracy_at_{s.ibp_eps}": float((r >= s.ibp_eps).float().mean()),
+                            "curve": {"eps": eps_grid, "certified_accuracy": [float((r >= e).float().mean())
+                                                                              for e in eps_grid]}}
+    d = out / "certify"
+    (d / "plots").mkdir(parents=True, exist_ok=True)
+    sm = res["smoothing"]["curve"]
+    line_plot(d / "plots" / "smoothing_certified_accuracy.png",
+              {f"noise model, sigma={s.sigma}": (sm["radius"], sm["certified_accuracy"])},
+              "L2 radius", "certified accuracy", title="randomized smoothing (mnist5k)", step=True)
+    line_plot(d / "plots" / "ibp_certified_accuracy.png",
+              {f"{k} model": (v["curve"]["eps"], v["curve"]["certified_accuracy"]) for k, v in res["ibp"].items()},
+              "L-inf eps", "certified accuracy", title="IBP (mnist5k)", step=True)
+    atomic_write_json(d / "results.json", res)
+
+
+def benchmark_stage(out: Path, s: Settings, device: torch.device) -> None:
+    from robustkit.benchmark import run_benchmark
+
+    models = [str(out / n) for n in ("standard", "finetune", "noise", "ibp")]
+    run_benchmark(models, dataset="mnist5k", norm="linf", eps=s.eps, n=s.bench_n,
+                  attacks=["autoattack", "pgd", "fast"], certify=["ibp"], out=out / "benchmark", device=device)
+
+
+def write_report(out: Path, s: Settings, timings: dict[str, float]) -> Path:
+    bench = _load_json(out / "benchmark" / "results.json")
+    cert = _load_json(out / "certify" / "results.json")
+    parts = [f"# robustkit quickstart report\n\nAll numbers on the embedded `mnist5k` data (4,000 train / 1,000 "
+             f"test real MNIST digits), model `{s.arch}`, on {device_name()}. Settings: `settings.json`.\n"]
+    parts.append(f"## Leaderboard (L-inf, eps = {s.eps})\n\nAutoAttack and our attacks ran on the first {s.bench_n} "
+                 "test images (a subset, to keep the quickstart short; `--full` uses 1000).\n\n")
+    rows = []
+    for e in bench.get("models", []):
+        rows.append({"model": e.get("name"), "clean": e.get("clean_acc"), "AutoAttack": e.get("autoattack_acc", ""),
+                     **{k: v for k, v in e.get("attacks", {}).items() if k != "autoattack"},
+                     "worst case": e.get("robust_acc")})
+    rows.sort(key=lambda r: -(r["AutoAttack"] if isinstance(r["AutoAttack"], float) else r["worst case"] or 0))
+    parts.append(md_table(rows) if rows else "_benchmark missing_\n")
+    if bench.get("flags"):
+        parts.append(f"\nConsistency flags: `{json.dumps(bench['flags'])[:800]}`\n")
+    if cert:
+        sm = cert["smoothing"]
+        parts.append("\n## Certified robustness\n\nRandomized smoothing (Cohen et al. 2019) of the noise-trained "
+                     "model, "
+                     f"sigma={sm['sigma']}, n0={sm['n0']}, n={sm['n']}, alpha={sm['alpha']}, {sm['images']} images "
+                     f"(guarantee holds with probability >= 1 - alpha per image):\n\n")
+        parts.append(md_table([{"L2 radius": r, "certified accuracy": a} for r, a in
+                               zip(sm["curve"]["radius"][::2], sm["curve"]["certified_accuracy"][::2])]))
+        parts.append("\n![smoothing](certify/plots/smoothing_certified_accuracy.png)\n\nIBP (deterministic) "
+                     f"certified accuracy at L-inf eps={s.ibp_eps}: " + ", ".join(
+                         f"{k} model {v[f'certified_accuracy_at_{s.ibp_eps}']:.3f}" for k, v in cert["ibp"].items())
+                     + " (Gowal et al. 2018 report 97.08% verified at eps=0.1 on full MNIST with 60k training "
+                       "images, a larger model and 100 epochs).\n\n![ibp](certify/plots/ibp_certified_accuracy.png)\n")
+    parts.append("\n## Training curves\n\n")
+    for name in ("standard", "finetune", "noise", "ibp"):
+        if (out / name / "plots" / "training_curves.png").exists():
+            parts.append(f"**{name}** ([report]({name}/report.md))\n\n![{name}]({name}/plots/training_curves.png)\n\n")
+    parts.append("## Wall-clock\n\n" + md_table([{"stage": k, "seconds": v} for k, v in timings.items()]))
+    return write_markdown(out, "".join(parts))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({torch.get_num_threads()} threads)"
