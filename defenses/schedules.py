@@ -67,6 +67,43 @@ def linear(warmup: float = 0.0, **_: Any) -> Schedule:
     return f
 
 
+@_register("slow-start-fast-decay")
+def slow_start_fast_decay(peak_at: float = 0.5, start: float = 0.0, final: float = 0.0, decay_power: float = 2.0,
+                          warmup: float = 0.0, **_: Any) -> Schedule:
+    """Slow start, fast decay (Jeddi, Shafiee, Wong 2020, "A Simple Fine-tuning Is All You Need:
+    Towards Robust Deep Learning via Adversarial Fine-tuning", arXiv 2012.13628): the schedule of
+    adversarial fine-tuning. The LR rises slowly from ~0 to its peak, then decays fast::
+
+        t <  peak_at:  start + (1 - start) * t / peak_at                     (linear rise)
+        t >= peak_at:  final + (1 - final) * (1 - u) ** decay_power,  u = (t - peak_at) / (1 - peak_at)
+
+    From the paper: the shape (a slow rise from ~0 to the peak LR, then a fast decay) and its use
+    for a short fine-tuning of a pretrained model. Our defaults, not the paper's numbers (only its
+    abstract was available to us, so the exact breakpoints are unverified): the rise takes the first
+    half of training (``peak_at=0.5``) from ``start=0``; the decay is quadratic (``decay_power=2``:
+    the LR is down to 1/4 of the peak halfway through the decay and 1/16 at three quarters) to
+    ``final=0``. ``decay_power=1`` gives a linear (triangular) decay; larger powers decay faster.
+    ``schedule.warmup_epochs`` (passed as ``warmup``, a fraction of training), when > 0, sets
+    ``peak_at``.
+    """
+    peak = float(warmup) if warmup and warmup > 0 else float(peak_at)
+    if not 0.0 < peak < 1.0:
+        raise ValueError(f"peak_at must be in (0, 1), got {peak}")
+    for name, v in (("start", start), ("final", final)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] (a fraction of the peak LR), got {v}")
+    if not float(decay_power) > 0:
+        raise ValueError(f"decay_power must be > 0, got {decay_power}")
+
+    def f(t: float) -> float:
+        if t < peak:
+            return start + (1.0 - start) * t / peak
+        u = min((t - peak) / (1.0 - peak), 1.0)
+        return final + (1.0 - final) * (1.0 - u) ** decay_power
+
+    return f
+
+
 def make_schedule(name: str, **knobs: Any) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {name!r}; allowed: {', '.join(sorted(SCHEDULES))}")

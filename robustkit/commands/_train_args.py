@@ -1,0 +1,149 @@
+"""Flags shared by ``robustkit train`` and ``robustkit finetune``, mapped onto a ``TrainConfig``.
+
+Precedence, lowest first: the dataclass defaults < the command's defaults (``base``) <
+``--config`` YAML (or, with ``--resume`` and no ``--config``, the run's own ``config.yaml``)
+< the dedicated flags (``--lr``, ``--defense``, ...) < ``--set key.path=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from robustkit.config import TrainConfig, apply_overrides, from_dict, load_yaml
+from robustkit.errors import ConfigError
+
+# flag dest -> config key path (values copied when the flag is given)
+_FLAGS: dict[str, str] = {
+    "dataset": "data.name", "data_root": "data.root", "epochs": "epochs", "batch_size": "data.batch_size",
+    "lr": "optim.lr", "optimizer": "optim.name", "schedule": "schedule.name", "defense": "defense.name",
+    "weight_perturbation": "defense.weight_perturbation", "eval_n": "eval.n", "arch": "model.arch",
+    "model": "model.pretrained", "checkpoint_every": "checkpoint_every",
+}
+
+
+def add_train_args(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    """Add the training flags. Call ``_common.add_common(p)`` too (``--device``, ``--seed``)."""
+    p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.weight_decay=2e-4 (repeatable)")
+    p.add_argument("--model", required=model_required, default=None, metavar="PRETRAINED",
+                   help="start from these weights: a run directory, a model directory (model.json + "
+                        "model.safetensors), a .pt/.pth/.safetensors state dict (needs --arch), or a timm / "
+                        "tv: model name whose pretrained weights are in the local cache")
+    p.add_argument("--arch", default=None, help="architecture (robustkit models); required for a plain state dict")
+    p.add_argument("--dataset", default=None, help="dataset name (robustkit datasets)")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets live")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"])
+    p.add_argument("--schedule", default=None, help="LR schedule: constant, cosine, step, linear, "
+                                                     "slow-start-fast-decay")
+    p.add_argument("--defense", default=None, help="training objective (robustkit DEFENSES: standard, pgd-at, "
+                                                    "trades, mart, ...)")
+    p.add_argument("--weight-perturbation", default=None, choices=["awp", "rwp"])
+    p.add_argument("--eps", default=None, help="defense radius, e.g. 0.3 or 8/255 (also the evaluation eps)")
+    p.add_argument("--beta", type=float, default=None, help="defense.params.beta (TRADES / MART)")
+    p.add_argument("--eval-n", type=int, default=None, help="test images evaluated after each epoch")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision on CUDA")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    p.set_defaults(seed=None)  # so a YAML seed is not overridden by add_common's default
+
+
+def _put(data: dict[str, Any], path: str, value: Any) -> None:
+    node = data
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {part} is not a section")
+    node[leaf] = value
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    """The validated ``TrainConfig`` of the parsed flags (see the module docstring for precedence).
+
+    Also sets ``args.seed`` to the config's seed when ``--seed`` was not given.
+    """
+    data = _merge({}, base or {})
+    own = Path(args.out) / "config.yaml"
+    if args.config:
+        _merge(data, load_yaml(args.config))
+    elif getattr(args, "resume", False) and own.is_file():
+        _merge(data, load_yaml(own))
+    for dest, path in _FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            _put(data, path, value)
+    if args.eps is not None:
+        _put(data, "defense.params.eps", str(args.eps))
+        _put(data, "eval.eps", str(args.eps))
+    if args.beta is not None:
+        _put(data, "defense.params.beta", args.beta)
+    for flag in ("amp", "channels_last"):
+        if getattr(args, flag, None):
+            data[flag] = True
+    if getattr(args, "seed", None) is not None:
+        data["seed"] = args.seed
+    apply_overrides(data, list(getattr(args, "set", None) or []))
+    cfg = from_dict(TrainConfig, data)
+    args.seed = cfg.seed
+    return cfg
+
+
+def check_pretrained(spec: str | None) -> None:
+    """Fail early, with the accepted forms, when ``--model`` is neither a path nor a model name."""
+    if not spec or Path(spec).exists():
+        return
+    from robustkit.registry import MODELS
+
+    if spec.startswith("tv:") or spec in MODELS or _is_timm(spec):
+        return
+    raise ConfigError(f"pretrained model not found: {spec} (expected a run directory, a model directory with "
+                      "model.json + model.safetensors, a .pt/.pth/.safetensors state dict, or a timm / tv: model "
+                      "name with locally cached weights)")
+
+
+def _is_timm(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return bool(timm.is_model(name))
+
+
+def materialize_pretrained(cfg: TrainConfig, out: str | Path) -> None:
+    """Turn a timm / ``tv:`` model *name* in ``cfg.model.pretrained`` into a model directory under
+    ``out/pretrained`` (built with the library's locally cached weights), so the run directory
+    records exactly which weights fine-tuning started from."""
+    spec = cfg.model.pretrained
+    if not spec or Path(spec).exists():
+        return
+    from robustkit.data import dataset_info
+    from robustkit.zoo import create, save
+
+    check_pretrained(spec)
+    info = dataset_info(cfg.data.name)
+    try:
+        model = create(spec, cfg.model.num_classes or info.num_classes, info.input_shape, cfg.model.mean,
+                       cfg.model.std, pretrained=True, **cfg.model.kwargs)
+    except (RuntimeError, OSError) as e:  # e.g. weights not in the local cache and no internet
+        raise ConfigError(f"cannot load the pretrained weights of {spec!r}: {str(e).splitlines()[0][:200]}") from None
+    dest = Path(out) / "pretrained"
+    save(model, dest)
+    cfg.model.pretrained, cfg.model.arch = str(dest), spec

@@ -1,0 +1,34 @@
+"""``robustkit train``: train a model with a defense objective (from scratch or from ``--model``).
+
+    robustkit train --config configs/X.yaml --defense trades --out runs/NAME [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from robustkit.commands._common import add_common, setup
+from robustkit.commands._train_args import add_train_args, check_pretrained, config_from_args, materialize_pretrained
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with a defense objective (standard, pgd-at, trades, mart, "
+                                     "noise, ibp; optional AWP / RWP)")
+    add_train_args(p)
+    add_common(p)
+    p.set_defaults(func=run, seed=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from defenses.recipe import train
+
+    cfg = config_from_args(args)
+    check_pretrained(cfg.model.pretrained)
+    device = setup(args)
+    materialize_pretrained(cfg, args.out)
+    run_dir = train(cfg, args.out, device, resume=args.resume)
+    final = run_dir.metrics()[-1] if run_dir.metrics() else {}
+    accs = ", ".join(f"{k} {final[k]:.4f}" for k in ("clean_accuracy", "robust_accuracy") if k in final)
+    print(f"trained {cfg.model.arch or cfg.model.pretrained} with {cfg.defense.name} for {cfg.epochs} epochs"
+          f"{': ' + accs if accs else ''}. Run: {run_dir.path}")
+    return 0
