@@ -1,0 +1,275 @@
+"""The benchmark's certificates and records: deterministic (IBP) and smoothing certificates per
+model, one RobustBench-style entry per model, consistency flags, ``results.json``, ``report.md``
+and the plots (see ``robustkit.benchmark``, which runs the attacks)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustkit.report import fmt, line_plot, md_table, write_markdown, write_results
+
+THREAT = {"linf": "Linf", "l2": "L2"}
+CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing")
+# a deterministic certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
+Certifier = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
+
+
+def acc(mask: torch.Tensor) -> float:
+    """Fraction of ``True`` in a ``(N,)`` bool mask (exact, not float32-rounded)."""
+    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+
+
+def _indices(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().squeeze(1).tolist()
+
+
+# -- certificates ------------------------------------------------------------------------------
+def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, bs: int,
+             dev: torch.device) -> torch.Tensor:
+    """``fn`` over batches of ``x (N, C, H, W)``, ``y (N,)`` on ``dev``; the ``(N,)`` outputs on CPU."""
+    return torch.cat([fn(x[i:i + bs].to(dev), y[i:i + bs].to(dev)).cpu() for i in range(0, x.shape[0], bs)])
+
+
+def _ibp(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor,
+         s: dict[str, Any], dev: torch.device) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Built-in IBP / CROWN-IBP: certified flags at eps ``(N,)`` and certified accuracy vs eps (radii)."""
+    from certify.ibp import certified_radius, certify
+
+    eps, bs = s["eps"], s["batch_size"]
+    flags = _batched(lambda xb, yb: certify(model, xb, yb, eps, method, "linf"), x, y, bs, dev)
+    top = 2 * eps if eps > 0 else 0.1
+    r = _batched(lambda xb, yb: certified_radius(model, xb, yb, method, tol=top / 64, max_eps=top), x, y, bs, dev)
+    grid = [round(top * k / 20, 8) for k in range(21)]
+    return flags, {"eps": grid, "certified_acc": [acc((r >= g) & correct) for g in grid]}
+
+
+def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor,
+                          s: dict[str, Any], certifiers: dict[str, Certifier], seconds: dict[str, float]
+                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Deterministic certificates at eps: ``({name: JSON record}, {name: (N,) bool certified})``.
+    Injected ``certifiers`` run on every model; built-in IBP only on L-inf threat models."""
+    from certify.ibp import UnsupportedLayerError
+
+    dev, eps, norm = next(model.parameters()).device, s["eps"], s["norm"]
+    names = [c for c in s["certify"] if c != "smoothing"] + [c for c in certifiers if c not in s["certify"]]
+    records: dict[str, Any] = {}
+    flags: dict[str, torch.Tensor] = {}
+    for c in names:
+        t0 = time.perf_counter()
+        try:
+            if c in certifiers:
+                fn = certifiers[c]
+                flags[c] = _batched(lambda xb, yb, f=fn: f(model, xb, yb, eps, norm).bool(), x, y, s["batch_size"],
+                                    dev)
+                records[c] = {"status": "ok", "deterministic": True, "eps": eps}
+            elif norm != "linf":
+                records[c] = {"status": "n/a", "reason": f"{c} is benchmarked on L-inf threat models, this is {norm}"}
+                continue
+            else:
+                flags[c], curve = _ibp(model, c, x, y, correct, s, dev)
+                records[c] = {"status": "ok", "deterministic": True, "eps": eps, "curve": curve}
+        except UnsupportedLayerError as e:
+            records[c] = {"status": "n/a", "reason": str(e)}
+            continue
+        records[c]["certified_acc"] = acc(flags[c])
+        seconds[f"certify_{c}"] = time.perf_counter() - t0
+    return records, flags
+
+
+def certify_smoothing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict[str, Any], sigma: float | None,
+                      seconds: dict[str, float], progress: bool) -> dict[str, Any]:
+    """Cohen et al. CERTIFY on the first ``n_images`` points: certified L2 accuracy of the *smoothed*
+    classifier vs radius (at eps too on L2 threat models). Each certificate holds w.p. >= 1 - alpha."""
+    if sigma is None:
+        return {"status": "n/a", "reason": "no sigma: pass --sigma, or benchmark a run trained with the noise "
+                                           "defense (its config's defense.params.sigma is used)"}
+    from certify.smoothing import Smooth
+
+    sm, dev = s["smoothing"], next(model.parameters()).device
+    m = min(int(sm["n_images"]), x.shape[0])
+    smooth = Smooth(model, int(model.num_classes), float(sigma))
+    torch.manual_seed(s["seed"])
+    t0 = time.perf_counter()
+    ok, radius = [], []
+    for i in tqdm(range(0, m, 8), desc="smoothing", disable=not progress, leave=False):
+        j = slice(i, min(i + 8, m))
+        cert = smooth.certify(x[j].to(dev), sm["n0"], sm["n"], sm["alpha"], max(s["batch_size"], 1000))
+        ok.append((cert.prediction.cpu() == y[j]) & ~cert.abstained.cpu())
+        radius.append(cert.radius.cpu().float())
+    ok_t, r_t = torch.cat(ok), torch.cat(radius)                               # (m,), (m,)
+    grid = [round(sigma * k / 4, 8) for k in range(13)]
+    seconds["certify_smoothing"] = time.perf_counter() - t0
+    rec = {"status": "ok", "sigma": sigma, "n0": sm["n0"], "n": sm["n"], "alpha": sm["alpha"], "n_images": m,
+           "guarantee": "certifies the smoothed classifier (Cohen et al. 2019), not the base model; each "
+                        f"certificate holds with probability >= {1 - sm['alpha']:g}",
+           "curve": {"radius": grid, "certified_acc": [acc(ok_t & (r_t >= g)) for g in grid]}}
+    if s["norm"] == "l2":
+        rec["certified_acc"] = acc(ok_t & (r_t >= s["eps"]))
+    return rec
+
+
+# -- one model's entry ------------------------------------------------------------------------
+def make_entry(name: str, model: nn.Module, source: str | None, s: dict[str, Any], correct: torch.Tensor,
+               broken: dict[str, torch.Tensor], subs: dict[str, list[str | None]], meta: dict[str, Any],
+               certified: dict[str, Any], cert_flags: dict[str, torch.Tensor], curve: dict[str, list[float]] | None,
+               seconds: dict[str, float]) -> dict[str, Any]:
+    """``correct`` and ``broken[attack]`` are ``(N,)`` bool; a point is robust if no attack broke it."""
+    any_broken = torch.stack(list(broken.values())).any(0)                     # (N,)
+    e: dict[str, Any] = {"name": name, "architecture": getattr(model, "arch", type(model).__name__),
+                         "dataset": s["dataset"], "threat_model": THREAT[s["norm"]], "eps": s["eps"],
+                         "n": int(correct.numel()), "source": source, "clean_acc": acc(correct)}
+    if "autoattack" in broken:
+        e["autoattack_acc"] = acc(correct & ~broken["autoattack"])
+        aa = meta["autoattack"]
+        e["autoattack"] = {k: aa.get(k) for k in ("package", "package_version", "version", "attacks")}
+    e["robust_acc"] = acc(correct & ~any_broken)
+    e["attacks"] = {a: acc(correct & ~b) for a, b in broken.items()}
+    e["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    e["certified"] = certified
+    e["breakdown"] = breakdown(broken, subs)
+    e["eps_curve"] = curve
+    e["attack_params"] = {a: m.get("params", {}) for a, m in meta.items()}
+    e["flags"] = flags(broken, cert_flags, meta)
+    return e
+
+
+def breakdown(broken: dict[str, torch.Tensor], subs: dict[str, list[str | None]]) -> dict[str, Any]:
+    """Per attack: points broken, points only it broke, its sub-attacks' counts; per point: who broke it."""
+    per_attack = {}
+    for a, b in broken.items():
+        others = torch.stack([o for k, o in broken.items() if k != a] + [torch.zeros_like(b)]).any(0)
+        sub = Counter(subs[a][i] for i in _indices(b) if subs[a][i] is not None)
+        per_attack[a] = {"broken": int(b.sum()), "only_this_attack": int((b & ~others).sum()),
+                         "sub_attacks": dict(sub)}
+    any_broken = torch.stack(list(broken.values())).any(0)
+    per_point = {str(i): [a if subs[a][i] is None else f"{a}/{subs[a][i]}" for a, b in broken.items() if b[i]]
+                 for i in _indices(any_broken)}
+    return {"per_attack": per_attack, "broken_by": per_point}
+
+
+def flags(broken: dict[str, torch.Tensor], cert_flags: dict[str, torch.Tensor], meta: dict[str, Any]
+          ) -> dict[str, Any]:
+    """``weaker_autoattack``: points our attacks broke that AutoAttack did not; ``soundness_violations``:
+    points broken although certified at eps; ``unverified_successes``: claims that failed the re-check."""
+    out: dict[str, Any] = {"weaker_autoattack": {}, "soundness_violations": [], "unverified_successes": {}}
+    if "autoattack" in broken:
+        aa = broken["autoattack"]
+        out["weaker_autoattack"] = {a: _indices(b & ~aa) for a, b in broken.items()
+                                    if a != "autoattack" and bool((b & ~aa).any())}
+    out["soundness_violations"] = [{"certifier": c, "attack": a, "index": i}
+                                   for c, cert in cert_flags.items() for a, b in broken.items()
+                                   for i in _indices(cert & b)]
+    out["unverified_successes"] = {a: m["unverified"] for a, m in meta.items() if m.get("unverified")}
+    return out
+
+
+def leaderboard_order(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sorted by AutoAttack accuracy (else worst-case robust accuracy), best first."""
+    return sorted(entries, key=lambda e: (-e.get("autoattack_acc", e["robust_acc"]), -e["robust_acc"], e["name"]))
+
+
+# -- outputs ----------------------------------------------------------------------------------
+def write_all(out: Path, res: dict[str, Any]) -> None:
+    """``results.json``, ``plots/*.png`` and ``report.md`` (each written atomically)."""
+    write_results(out, res)
+    plots = write_plots(out, res["models"], res["settings"])
+    write_markdown(out, markdown(res, plots))
+
+
+def write_plots(out: Path, entries: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    made = []
+    curves = {e["name"]: (e["eps_curve"]["eps"], e["eps_curve"]["robust_acc"]) for e in entries if e["eps_curve"]}
+    if curves:
+        line_plot(out / "plots" / "robust_accuracy_vs_eps.png", curves, xlabel=f"eps ({THREAT[s['norm']]})",
+                  ylabel="robust accuracy (PGD)", title=f"robust accuracy vs eps, {s['dataset']}")
+        made.append("plots/robust_accuracy_vs_eps.png")
+    cert = {}
+    for e in entries:
+        for c, r in e["certified"].items():
+            if r.get("status") == "ok" and "curve" in r:
+                xs = r["curve"].get("eps", r["curve"].get("radius"))
+                unit = f"L2, sigma={r['sigma']:g}" if c == "smoothing" else "L-inf"
+                cert[f"{e['name']} {c} ({unit})"] = (xs, r["curve"]["certified_acc"])
+    if cert:
+        line_plot(out / "plots" / "certified_accuracy.png", cert, xlabel="radius (IBP: L-inf eps; smoothing: L2)",
+                  ylabel="certified accuracy", title="certified accuracy vs radius", step=True)
+        made.append("plots/certified_accuracy.png")
+    return made
+
+
+def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"rank": rank, "model": e["name"], "architecture": e["architecture"],
+                           "clean": e["clean_acc"]}
+    if "autoattack_acc" in e:
+        row["AutoAttack"] = e["autoattack_acc"]
+    row.update({a: e["attacks"][a] for a in attacks if a != "autoattack"})
+    row["worst case"] = e["robust_acc"]
+    for c in certs:
+        r = e["certified"].get(c, {})
+        row[f"certified ({c})"] = r.get("certified_acc", "n/a")
+    row["seconds"] = f"{sum(e['seconds'].values()):.1f}"
+    return row
+
+
+def markdown(res: dict[str, Any], plots: list[str]) -> str:
+    s, entries = res["settings"], res["models"]
+    # certified accuracy at eps; smoothing only on L2 threat models (else it has no number at eps)
+    certs = list(dict.fromkeys(c for e in entries for c, r in e["certified"].items()
+                               if c != "smoothing" or s["norm"] == "l2"))
+    rows = [_row(i + 1, e, s["attacks"], certs) for i, e in enumerate(entries)]
+    key = "AutoAttack" if "autoattack" in s["attacks"] else "worst-case robust"
+    parts = [f"# Benchmark: {s['dataset']}, {THREAT[s['norm']]} eps = {s['eps']:g}\n\n",
+             f"First {s['n']} test images; attacks {', '.join(s['attacks'])}, each run independently on every "
+             f"clean-correct point; **worst case** = a point counts as robust only if every attack failed on it. "
+             f"Sorted by {key} accuracy.\n\n", md_table(rows)]
+    if "smoothing" in s["certify"]:
+        parts.append("\nRandomized smoothing certifies the *smoothed* classifier (L2, with probability >= "
+                     "1 - alpha), not the base model the attacks ran on, so it is not compared against them.\n")
+    parts += [f"\n![{p}]({p})\n" for p in plots]
+    for e in entries:
+        parts.append(_model_section(e))
+    return "".join(parts)
+
+
+def _curve_text(r: dict[str, Any]) -> str:
+    """Smoothing on an L-inf benchmark: certified L2 accuracy at a few radii (up to 2 sigma)."""
+    pts = [(x, a) for x, a in zip(r["curve"]["radius"], r["curve"]["certified_acc"]) if x <= 2 * r["sigma"]][::2]
+    return (f"smoothed classifier, sigma={r['sigma']:g}, {r['n_images']} images, certified accuracy at L2 radius "
+            + ", ".join(f"{x:g}: {fmt(a)}" for x, a in pts))
+
+
+def _model_section(e: dict[str, Any]) -> str:
+    bd = e["breakdown"]["per_attack"]
+    rows = [{"attack": a, "accuracy": acc, "broken": bd[a]["broken"], "only this attack": bd[a]["only_this_attack"],
+             "sub-attacks": ", ".join(f"{k}: {v}" for k, v in bd[a]["sub_attacks"].items()) or "-",
+             "seconds": e["seconds"].get(a, 0.0)} for a, acc in e["attacks"].items()]
+    text = [f"\n## {e['name']} ({e['architecture']})\n\n", md_table(rows)]
+    if "autoattack" in e:
+        aa = e["autoattack"]
+        text.append(f"\nAutoAttack: {aa.get('package')} {aa.get('package_version')}, version {aa.get('version')}, "
+                    f"attacks {', '.join(aa.get('attacks') or [])}.\n")
+    for c, r in e["certified"].items():
+        val = (f"certified accuracy {fmt(r['certified_acc'])} at eps" if "certified_acc" in r else
+               _curve_text(r) if r.get("status") == "ok" else f"n/a ({r.get('reason')})")
+        text.append(f"\n- certified ({c}): {val}\n")
+    f = e["flags"]
+    if f["weaker_autoattack"]:
+        text.append("\n**Flag:** points our attacks broke but AutoAttack did not: " + "; ".join(
+            f"{a}: {len(v)} ({', '.join(map(str, v[:10]))}{', ...' if len(v) > 10 else ''})"
+            for a, v in f["weaker_autoattack"].items()) + "\n")
+    if f["soundness_violations"]:
+        text.append(f"\n**SOUNDNESS VIOLATION:** {len(f['soundness_violations'])} point(s) broken although "
+                    "certified at eps: " + ", ".join(f"{v['attack']} vs {v['certifier']} at point {v['index']}"
+                                                    for v in f["soundness_violations"][:10]) + "\n")
+    if f["unverified_successes"]:
+        text.append("\n**Flag:** claimed successes that failed the re-check (label not flipped, or outside the "
+                    f"ball / [0, 1]), not counted: {f['unverified_successes']}\n")
+    return "".join(text)
