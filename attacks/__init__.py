@@ -13,6 +13,8 @@ for _m in _MODULES:
         if _e.name != f"attacks.{_m}":
             raise
 
+import robustkit.autoattack  # noqa: E402,F401  (registers the real AutoAttack as attack "autoattack")
+
 __all__ = ["Attack", "AttackResult", "check_inputs", "eval_mode"]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import robustkit.autoattack  # noqa: F401  (registers the "autoattack" wrapper with the attacks)
 from attacks.apgd import APGDState, apgd_run, apgd_targeted_run, finish
 from attacks.base import Attack, AttackResult
 from robustkit.registry import ATTACKS

@@ -60,11 +60,13 @@ class AdversarialObjective(Defense):
     labels of the cross-entropy terms (the hook for ADR-style soft labels).
     """
 
-    def _init_common(self, norm: str, eps: float | str, steps: int, step_size: float, label_smoothing: float,
+    def _init_common(self, norm: str, eps: float | str, steps: int, step_size: float | str, label_smoothing: float,
                      targets: TargetsFn | None) -> None:
         self.norm = ThreatModel(norm, 0.0).norm
         self.eps = parse_eps(eps)
         self.steps = check_positive("steps", steps, integer=True, allow_zero=True)
+        if isinstance(step_size, str):  # "2/255"-style, like eps
+            step_size = parse_eps(step_size)
         self.step_size = check_positive("step_size", step_size)
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
                 or not 0.0 <= label_smoothing < 1.0:

@@ -45,7 +45,7 @@ class MART(AdversarialObjective):
     name = "mart"
 
     def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
-                 steps: int | None = None, step_size: float | None = None, beta: float | None = None,
+                 steps: int | None = None, step_size: float | str | None = None, beta: float | None = None,
                  label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
         p = resolve_preset(PRESETS, preset, eps=eps, steps=steps, step_size=step_size, beta=beta)
         self.preset = preset or "custom"

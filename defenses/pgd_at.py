@@ -40,7 +40,7 @@ class PGDAT(AdversarialObjective):
     name = "pgd-at"
 
     def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
-                 steps: int | None = None, step_size: float | None = None, random_start: bool = True,
+                 steps: int | None = None, step_size: float | str | None = None, random_start: bool = True,
                  label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
         p = resolve_preset(PRESETS, preset, eps=eps, steps=steps, step_size=step_size)
         self.preset = preset or "custom"
