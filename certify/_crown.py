@@ -32,22 +32,23 @@ def _per_channel(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, 1, -1, *([1] * (a.dim() - 3)))
 
 
-def _sum_spec(t: torch.Tensor) -> torch.Tensor:
-    """``(B, S, ...)`` -> ``(B, S)``."""
-    return t.flatten(2).sum(-1)
+def _channel_sums(a: torch.Tensor) -> torch.Tensor:
+    """``(B, S, C, ...)`` -> ``(B, S, C)``: coefficients summed over positions (for per-channel biases)."""
+    return a.flatten(3).sum(-1) if a.dim() > 3 else a
 
 
 def _relu_back(a: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relax ``relu`` with pre-activation bounds ``[lo, hi]`` (``(B, *shape)``) for a lower bound."""
-    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)                                # (B, 1, *shape)
-    active, unstable = lo >= 0, (lo < 0) & (hi > 0)
-    denom = (hi - lo).clamp_min(1e-12)
-    up_slope = torch.where(active, 1.0, torch.where(unstable, hi / denom, 0.0))
-    up_icpt = torch.where(unstable, -lo * hi / denom, 0.0)
-    lo_slope = torch.where(active, 1.0, (unstable & (hi > -lo)).to(a.dtype))
-    a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-    return a_pos * lo_slope + a_neg * up_slope, c + _sum_spec(a_neg * up_icpt)
+    lo, hi = lo.flatten(1).unsqueeze(1), hi.flatten(1).unsqueeze(1)          # (B, 1, N)
+    unstable, active = (lo < 0) & (hi > 0), (lo >= 0).to(a.dtype)
+    up_slope = torch.where(unstable, hi / (hi - lo).clamp_min(1e-12), active)  # chord through (l, 0), (u, u)
+    lo_slope = torch.where(unstable, (hi > -lo).to(a.dtype), active)          # adaptive: 1 if u > -l else 0
+    up_icpt = torch.where(unstable, -lo * up_slope, 0.0)                      # (B, 1, N)
+    flat = a.flatten(2)                                                        # (B, S, N)
+    neg = flat.clamp(max=0)                                                    # negative A: upper relaxation
+    c = c + torch.einsum("bsn,bn->bs", neg, up_icpt.squeeze(1))
+    return (flat * lo_slope + neg * (up_slope - lo_slope)).view_as(a), c
 
 
 def _conv_back(layer: nn.Conv2d, a: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
@@ -78,15 +79,14 @@ def _layer_back(layer: nn.Module, a: torch.Tensor, c: torch.Tensor, in_shape: to
         return a @ layer.weight, c
     if isinstance(layer, nn.Conv2d):
         if layer.bias is not None:
-            c = c + a.sum((-2, -1)) @ layer.bias
+            c = c + _channel_sums(a) @ layer.bias
         return _conv_back(layer, a, in_shape), c
-    if isinstance(layer, Normalize):
-        std, mean = _per_channel(layer.std.to(a.dtype), a), _per_channel(layer.mean.to(a.dtype), a)
-        return a / std, c - _sum_spec(a * mean / std)
+    if isinstance(layer, Normalize):  # z = x / std - mean / std
+        std, mean = layer.std.to(a.dtype).flatten(), layer.mean.to(a.dtype).flatten()
+        return a / _per_channel(std, a), c - _channel_sums(a) @ (mean / std)
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
         scale, shift = bn_affine(layer, a.dim() - 1)
-        scale, shift = _per_channel(scale, a), _per_channel(shift, a)
-        return a * scale, c + _sum_spec(a * shift)
+        return a * _per_channel(scale, a), c + _channel_sums(a) @ shift.flatten()
     if isinstance(layer, nn.Flatten):
         return a.reshape(*a.shape[:2], *in_shape), c
     if isinstance(layer, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):

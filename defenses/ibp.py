@@ -14,6 +14,11 @@ fractions of training): nominal loss only for the first 1/30 (2k of 60k steps), 
 Robust Neural Networks", arXiv:1906.06316, Eq. 9) uses ``beta * m_CROWN-IBP + (1 - beta) * m_IBP``
 with beta ramping 1 -> 0 over the same ramp.
 
+The default fractions assume a long run (Gowal et al.: 60k steps, so 2k + 10k). On short runs
+(a few hundred steps) they ramp eps within a few dozen steps and the net can collapse to a
+constant prediction; use e.g. ``warmup_fraction=0.1, ramp_fraction=0.4`` there
+(``benchmarks/ibp.py`` does).
+
 Bounds are computed with the model in train mode, so the net must be BN-free and
 dropout-free (ibp-small/medium/large are); anything else raises ``UnsupportedLayerError``.
 """
