@@ -23,16 +23,22 @@ def _acc(model, x, y) -> float:
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.15), ("l2", 2.0)])
-def test_pgd_at_least_as_strong_as_torchattacks(tiny_mnist_model, mnist_test_batch, norm: str, eps: float) -> None:
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_at_least_as_strong_as_torchattacks(tiny_mnist_model, mnist_test_batch, norm: str, eps: float,
+                                                random_start: bool) -> None:
+    """Same algorithm, same settings: from the clean point both runs are deterministic, so ours (which keeps
+    the first successful iterate) must break every point theirs breaks, up to one borderline sample; with
+    random starts the two use different noise, so allow three samples of 64 of Monte-Carlo slack."""
     torchattacks = pytest.importorskip("torchattacks")
     model, (x, y) = tiny_mnist_model, mnist_test_batch
     steps, alpha = 10, 2.5 * eps / 10
-    ours = PGD(norm=norm, eps=eps, steps=steps, step_size=alpha, seed=0)(model, x, y)
+    ours = PGD(norm=norm, eps=eps, steps=steps, step_size=alpha, random_start=random_start, seed=0)(model, x, y)
     torch.manual_seed(0)
     cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
-    theirs = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+    theirs = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)(x, y)
     ours_acc, theirs_acc = _acc(model, ours.x_adv, y), _acc(model, theirs, y)
-    assert ours_acc <= theirs_acc + 0.03, (ours_acc, theirs_acc)
+    slack = (3 if random_start else 1) / len(y) + 1e-9
+    assert ours_acc <= theirs_acc + slack, (ours_acc, theirs_acc)
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
