@@ -13,14 +13,16 @@ and manages the model mode.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from robustkit.modes import eval_mode
+
+__all__ = ["Attack", "AttackResult", "check_inputs", "eval_mode", "num_classes_of"]
 
 
 @dataclass
@@ -40,18 +42,6 @@ class AttackResult:
     success: torch.Tensor
     queries: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the duration; restore the previous mode per module."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, atol: float = 1e-6) -> None:

@@ -32,15 +32,14 @@ example in the ball (up to floating-point rounding of the bound computation itse
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from certify.base import Certificate
+from robustkit.modes import eval_mode
 from robustkit.registry import CERTIFIERS
 from robustkit.threat import parse_eps
 from robustkit.zoo import Normalize, RobustModel
@@ -328,7 +327,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | str
             method: str = "ibp", norm: str = "linf") -> torch.Tensor:
     """``(B,)`` bool: the clean prediction is ``y`` and every margin lower bound is > 0, i.e. no point
     of the ball (``∩ [0, 1]``) changes the label. Deterministic. Runs the model in eval mode (restored)."""
-    with _eval(model):
+    with eval_mode(model):
         lb = margin_bounds(model, x, y, eps, norm, method)                  # (B, K)
         mask = torch.ones_like(lb, dtype=torch.bool).scatter(1, y.view(-1, 1), False)
         robust = torch.where(mask, lb > 0, True).all(dim=1)
@@ -363,18 +362,6 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method:
     return lo
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration; the previous mode of every module is restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @CERTIFIERS.register("ibp", help="IBP certificates (Gowal et al. 2018): deterministic radius of the prediction")
 class IBPCertifier:
     """Deterministic certificates: prediction = clean argmax, radius = largest eps (bisection, ``tol``)
@@ -386,7 +373,7 @@ class IBPCertifier:
         self.norm, self.tol, self.max_eps = _norm(norm), float(tol), float(max_eps)
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> Certificate:
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             pred = model(x).argmax(dim=1)
         radius = certified_radius(model, x, pred, self.method, self.tol, self.max_eps, self.norm)
         return Certificate(pred, radius, torch.zeros_like(pred, dtype=torch.bool), {"method": self.method})

@@ -26,9 +26,6 @@ optional CUDA autocast), and in sequential mode images that have stopped leave t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from scipy.stats import norm
@@ -36,18 +33,8 @@ from torch import nn
 
 from certify.base import Certificate
 from certify.stats import CheckpointCS, binom_test, clopper_pearson_lower
+from robustkit.modes import eval_mode
 from robustkit.registry import CERTIFIERS
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
@@ -229,7 +216,7 @@ class Smooth:
         total = B * num
         counts = torch.zeros(B * K, dtype=torch.long, device=x.device)
         use_amp = self.amp and x.device.type == "cuda"
-        with torch.inference_mode(), _eval_mode(self.base_classifier):
+        with torch.inference_mode(), eval_mode(self.base_classifier):
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
                 img = torch.arange(start, stop, device=x.device) // num    # (b,) image of each row
