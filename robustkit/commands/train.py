@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from robustkit.commands._common import add_common, setup
 from robustkit.commands._train_args import add_train_args, check_pretrained, config_from_args, materialize_pretrained
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from defenses.recipe import train
 
+    if args.model and not Path(args.model).exists() and args.arch is None and _is_arch(args.model):
+        args.arch, args.model = args.model, None  # `train --model ibp-small`: an architecture to train from scratch
     cfg = config_from_args(args)
     check_pretrained(cfg.model.pretrained)
     device = setup(args)
@@ -32,3 +35,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {cfg.model.arch or cfg.model.pretrained} with {cfg.defense.name} for {cfg.epochs} epochs"
           f"{': ' + accs if accs else ''}. Run: {run_dir.path}")
     return 0
+
+
+def _is_arch(name: str) -> bool:
+    """A built-in, ``tv:`` or timm architecture name (not a file)."""
+    import robustkit.nets  # noqa: F401
+    from robustkit.registry import MODELS
+
+    if name in MODELS or name.startswith("tv:"):
+        return True
+    import timm
+
+    return timm.is_model(name)
