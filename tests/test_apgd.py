@@ -18,17 +18,8 @@ from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def model(tiny_mnist_model, _one_thread) -> robustkit.RobustModel:
+def model(tiny_mnist_model) -> robustkit.RobustModel:
     """conftest's ibp-small briefly trained on 1,000 mnist5k images (~85-90% clean accuracy); read-only."""
     return tiny_mnist_model
 

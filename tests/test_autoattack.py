@@ -23,17 +23,8 @@ QUICK = {"apgd.n_iter": 10, "apgd_targeted.n_iter": 10, "apgd_targeted.n_target_
          "fab.n_iter": 5, "square.n_queries": 30}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def model(tiny_mnist_model, _one_thread) -> robustkit.RobustModel:
+def model(tiny_mnist_model) -> robustkit.RobustModel:
     """conftest's ibp-small briefly trained on 1,000 mnist5k images (~85-90% clean accuracy); read-only."""
     return tiny_mnist_model
 
