@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from defenses.standard import Standard
+from defenses.trainer import fit
 from robustkit.data import make_loader
 from robustkit.zoo import RobustModel, create, load, load_weights, save
 
@@ -28,14 +30,7 @@ def small_cnn(cache: Path, device: torch.device, arch: str = "ibp-small", epochs
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     loader = make_loader("mnist5k", "train", batch_size=64, seed=seed, device=device)
     t0 = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    fit(model, Standard(), loader, epochs=epochs, optimizer=opt)
     info = {"config": meta, "train_seconds": time.perf_counter() - t0}
     save(model, cache)
     meta_file.write_text(json.dumps(info, indent=2))

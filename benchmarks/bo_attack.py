@@ -31,6 +31,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from attacks.bo_hard_label import BOHardLabel  # noqa: E402
+from defenses.standard import Standard  # noqa: E402
+from defenses.trainer import fit  # noqa: E402
 from robustkit.data import load_data, make_loader  # noqa: E402
 from robustkit.threat import ThreatModel  # noqa: E402
 from robustkit.zoo import RobustModel, create, load, save  # noqa: E402
@@ -80,14 +82,8 @@ def train_cnn(cache: Path, epochs: int) -> tuple[RobustModel, dict[str, Any]]:
     model = create("lenet", 10, (1, 28, 28))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
-    for ep in range(epochs):
-        loader = make_loader("mnist5k", "train", batch_size=64, seed=0)
-        loader.set_epoch(ep)
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    save(model.eval(), cache)
+    fit(model, Standard(), make_loader("mnist5k", "train", batch_size=64, seed=0), epochs=epochs, optimizer=opt)
+    save(model, cache)
     (cache / "bench_meta.json").write_text(json.dumps(meta))
     return model, {**meta, "cached": False, "train_seconds": round(time.perf_counter() - t0, 1)}
 

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from certify.smoothing import Smooth, max_radius  # noqa: E402
 from defenses.noise import GaussianNoise  # noqa: E402
+from defenses.trainer import fit  # noqa: E402
 from robustkit.data import load_data, make_loader, to_float  # noqa: E402
 from robustkit.device import resolve_device  # noqa: E402
 from robustkit.io import atomic_write_json  # noqa: E402
@@ -48,15 +49,7 @@ def train_noise_model(arch: str, sigma: float, epochs: int, cache: Path, device:
     defense = GaussianNoise(sigma=sigma)
     loader = make_loader("mnist5k", "train", batch_size=128, seed=seed, device=device)
     t0 = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            loss, _ = defense.loss(model, x, y)
-            loss.backward()
-            opt.step()
-    model.eval()
+    fit(model, defense, loader, epochs=epochs, optimizer=opt)
     info = {"config": meta, "train_seconds": time.perf_counter() - t0}
     save(model, cache)
     atomic_write_json(meta_file, info)

@@ -196,3 +196,14 @@ class Trainer:
         out = dict(self.evaluator(_unwrap(self.model)))
         out["eval_seconds"] = time.perf_counter() - t0
         return out
+
+
+def fit(model: RobustModel, defense: Defense, loader: TensorLoader, *, epochs: int,
+        optimizer: torch.optim.Optimizer, schedule: Schedule | None = None) -> RobustModel:
+    """Train in memory (no run directory, no evaluation, no progress bar) and return ``model`` in
+    eval mode: the short trainings of tests and benchmarks, through the same loop as everything else."""
+    from defenses.schedules import make_schedule
+
+    Trainer(model, defense, loader, epochs=epochs, optimizer=optimizer, schedule=schedule or make_schedule("constant"),
+            progress=False).fit()
+    return model.eval()  # type: ignore[return-value]

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from defenses.standard import Standard
+from defenses.trainer import fit
 from robustkit.data import Data, TensorLoader, load_data, make_loader
 from robustkit.zoo import RobustModel, create
 
@@ -22,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def train_tiny_model(n: int = 1000, epochs: int = 1, seed: int = 0, arch: str = "ibp-small") -> RobustModel:
     """``arch`` trained with Adam on ``n`` mnist5k train images, all classes (a seeded random
-    subset; the split is sorted by class), about 1-2 s on CPU. Reaches roughly 85-90 % clean
+    subset), about 1-2 s on CPU. Reaches roughly 85-90 % clean
     accuracy on mnist5k/test with the defaults."""
     torch.manual_seed(seed)
     model = create(arch, num_classes=10, input_shape=(1, 28, 28))
@@ -31,14 +33,7 @@ def train_tiny_model(n: int = 1000, epochs: int = 1, seed: int = 0, arch: str = 
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
     loader = TensorLoader(Data(data.info, data.images[idx], data.labels[idx]), batch_size=32, shuffle=True,
                           seed=seed)
-    model.train()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return fit(model, Standard(), loader, epochs=epochs, optimizer=opt)
 
 
 @pytest.fixture(scope="session")
