@@ -32,11 +32,14 @@ _HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents
 sys.path[:] = [str(_ROOT)] + [q for q in sys.path if Path(q or ".").resolve() not in (_HERE, _ROOT)]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from attacks.fast import FastEnsemble  # noqa: E402
+from defenses.base import StepContext  # noqa: E402
+from defenses.pgd_at import PGDAT  # noqa: E402
+from defenses.standard import Standard  # noqa: E402
+from defenses.trainer import fit  # noqa: E402
 from robustkit.autoattack import run_autoattack  # noqa: E402
-from robustkit.data import load_data  # noqa: E402
+from robustkit.data import load_data, make_loader  # noqa: E402
 from robustkit.device import resolve_device  # noqa: E402
 from robustkit.io import atomic_write_json  # noqa: E402
 from robustkit.threat import ThreatModel  # noqa: E402
@@ -45,48 +48,27 @@ from robustkit.zoo import RobustModel, create, load, save  # noqa: E402
 RESULTS = _HERE / "results"
 
 
-def _batches(n: int, bs: int, g: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=g)
-    return [perm[i:i + bs] for i in range(0, n, bs)]
+class _RampedPGDAT(PGDAT):
+    """PGD-5 adversarial training (Madry et al. 2018) whose eps rises linearly from 0 to 0.3 over the first
+    40% of training (a short MNIST run at the full radius from the start collapses to a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__(preset=None, eps=0.3, steps=5, step_size=2.5 * 0.3 / 5)
+
+    def before_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
+        eps = 0.3 * min(1.0, (ctx.step + 1) / (0.4 * ctx.epochs * ctx.steps_per_epoch))
+        self.tm, self.step_size = ThreatModel("linf", eps), 2.5 * eps / self.steps
 
 
 def train_model(kind: str, epochs: int, device: torch.device, seed: int = 0) -> RobustModel:
     """``standard``: LeNet, plain Adam training; ``pgd-at``: ibp-small, PGD-5 adversarial training."""
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    data = load_data("mnist5k", "train")
-    x, y = data.tensors()
-    x, y = x.to(device), y.to(device)                                  # (4000, 1, 28, 28), (4000,)
     arch = "lenet" if kind == "standard" else "ibp-small"
     model = create(arch, num_classes=10, input_shape=(1, 28, 28)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    total, it = epochs * -(-x.shape[0] // 50), 0
-    for _ in range(epochs):
-        for j in _batches(x.shape[0], 50, g):
-            j = j.to(device)
-            xb, yb = x[j], y[j]
-            if kind == "pgd-at":
-                xb = _pgd(model, xb, yb, 0.3 * min(1.0, (it + 1) / (0.4 * total)), steps=5, g=g)
-            model.train()
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            it += 1
-    return model.eval()
-
-
-def _pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-         g: torch.Generator) -> torch.Tensor:
-    """PGD on CE (Madry et al. 2018): random start, ``steps`` steps of 2.5 eps / steps, eval mode."""
-    tm = ThreatModel("linf", eps)
-    model.eval()
-    xa = tm.random_start(x, g if x.device.type == "cpu" else None)
-    for _ in range(steps):
-        xa = xa.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
-        xa = tm.project(tm.step(xa.detach(), grad, 2.5 * eps / steps), x)
-    return xa.detach()
+    loader = make_loader("mnist5k", "train", batch_size=50, seed=seed, device=device)
+    defense = Standard() if kind == "standard" else _RampedPGDAT()
+    return fit(model, defense, loader, epochs=epochs, optimizer=opt)
 
 
 def get_model(kind: str, epochs: int, device: torch.device, retrain: bool) -> tuple[RobustModel, dict[str, Any]]:
