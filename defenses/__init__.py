@@ -1,16 +1,13 @@
 """robustkit defenses. Importing this package registers every objective in ``DEFENSES``."""
 
-import importlib
-
 from defenses.base import Defense, StepContext
+from defenses.ibp import IBPTraining
+from defenses.mart import MART
+from defenses.noise import GaussianNoise
+from defenses.pgd_at import PGDAT
+from defenses.standard import Standard
+from defenses.trades import TRADES
+from defenses.weight_perturbation import AWP, RWP
 
-_MODULES = ["standard", "pgd_at", "trades", "mart", "noise", "ibp", "weight_perturbation"]
-
-for _m in _MODULES:
-    try:
-        importlib.import_module(f"defenses.{_m}")
-    except ModuleNotFoundError as _e:  # a module not written yet; anything else is a real error
-        if _e.name != f"defenses.{_m}":
-            raise
-
-__all__ = ["Defense", "StepContext"]
+__all__ = ["AWP", "MART", "PGDAT", "RWP", "TRADES", "Defense", "GaussianNoise", "IBPTraining", "Standard",
+           "StepContext"]

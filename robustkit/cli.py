@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"robustkit {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"robustkit.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"robustkit.commands.{name}":
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(f"robustkit.commands.{name}").register(sub)
     return p
 
 

@@ -32,3 +32,12 @@ def load_model_arg(spec: str, device) -> RobustModel:
     from robustkit.zoo import load
 
     return load(Path(spec), map_location=device)
+
+
+def print_registry(registry, footer: str = "") -> None:  # registry: robustkit.registry.Registry
+    """One line per registered name with its help text, then ``footer``."""
+    width = max(len(n) for n in registry.names())
+    for name in registry.names():
+        print(f"{name:<{width}}  {registry.help(name)}")
+    if footer:
+        print(footer)

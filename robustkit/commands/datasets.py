@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from robustkit.registry import DATASETS
+from robustkit.commands._common import print_registry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("datasets", help="list datasets")
-    p.set_defaults(func=run)
+    sub.add_parser("datasets", help="list datasets").set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import robustkit.data  # noqa: F401
+    from robustkit.registry import DATASETS
 
-    width = max(len(n) for n in DATASETS.names())
-    for name in DATASETS.names():
-        print(f"{name:<{width}}  {DATASETS.help(name)}")
-    print(f"{'imagefolder:PATH':<{width}}  PATH/train/<class>/*, PATH/test/<class>/* (one image size)")
+    print_registry(DATASETS, "imagefolder:PATH  PATH/train/<class>/*, PATH/test/<class>/* (one image size)")
     return 0
