@@ -72,7 +72,7 @@ def images(values: list[float], shape: tuple[int, int, int] = (1, 8, 8)) -> tupl
 
 def attack(**kw) -> BOHardLabel:  # noqa: ANN003
     base = {"eps": 0.3, "max_queries": 8, "n_init": 3, "dim": 2, "seed": 0, "raw_samples": 16, "acq_steps": 2,
-            "fit_maxiter": 5}
+            "fit_maxiter": 5, "bisect_steps": 2}
     return BOHardLabel(**{**base, **kw})
 
 
@@ -84,14 +84,15 @@ def test_guard_really_guards() -> None:
             read(g)
 
 
-@pytest.mark.parametrize("acquisition", ["ei", "ucb"])
-def test_label_only_and_every_query_counted(acquisition: str) -> None:
+@pytest.mark.parametrize("objective", ["distance", "indicator"])
+@pytest.mark.parametrize("acquisition", ["ei", "ucb", "random"])
+def test_label_only_and_every_query_counted(acquisition: str, objective: str) -> None:
     model = GuardedModel(MeanThreshold())
     x, y = images([0.45, 0.55, 0.05, 0.95])
-    res = attack(acquisition=acquisition)(model, x, y)          # would raise LogitsRead on any logit access
+    res = attack(acquisition=acquisition, objective=objective, max_queries=20)(model, x, y)  # raises on logit reads
     assert model.rows == int(res.queries.sum())                   # every model row is a counted query
     assert res.success.tolist() == [True, True, False, False]     # 0.05 / 0.95 are out of reach at eps=0.3
-    assert res.queries[2:].tolist() == [8, 8] and bool((res.queries[:2] >= 1).all())
+    assert res.queries[2:].tolist() == [20, 20] and bool((res.queries[:2] >= 1).all())
 
 
 def test_oracle_budget_and_no_logits() -> None:
@@ -127,7 +128,7 @@ def test_results_inside_ball_and_box(norm: str, eps: float, subspace: str) -> No
     x = (x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     y = (x.flatten(1).mean(1) > 0.5).long()
     x0 = x.clone()
-    res = attack(norm=norm, eps=eps, subspace=subspace, max_queries=6)(MeanThreshold(), x, y)
+    res = attack(norm=norm, eps=eps, subspace=subspace, max_queries=16)(MeanThreshold(), x, y)
     assert torch.equal(x, x0)                                       # input untouched
     assert bool(ThreatModel(norm, eps).contains(res.x_adv, x).all())
     assert bool(res.success[:2].all())                             # near the threshold: easy
@@ -188,7 +189,9 @@ def test_bad_input(kw: dict, words: str) -> None:
 def test_dim_too_large_for_images() -> None:
     x, y = images([0.4])
     with pytest.raises(ValueError, match="too large"):
-        BOHardLabel(eps=0.3, dim=6, max_queries=5)(MeanThreshold(), x, y)  # fft on 8x8: dim <= 5
+        BOHardLabel(eps=0.3, subspace="fft", dim=6, max_queries=5)(MeanThreshold(), x, y)  # fft on 8x8: dim <= 5
+    with pytest.raises(ValueError, match="too large"):
+        BOHardLabel(eps=0.3, subspace="upsample", dim=9, max_queries=5)(MeanThreshold(), x, y)
 
 
 @pytest.mark.slow
