@@ -16,6 +16,7 @@ Efficient Hard-label Black-box Attack: An Optimization-based Approach", ICLR 201
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -49,42 +50,48 @@ def point(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | float, norm: str, 
 
 
 def ray_distance(fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, t_best: torch.Tensor,
-                 left: torch.Tensor, norm: str, eps: float, steps: int,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 left: torch.Tensor, norm: str, eps: float, steps: int, tol: float = 0.0,
+                 check_first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Label-only distance along each ray, relative to the incumbent ``t_best`` (A,) > 1.
 
-    Query order per image, each step only where the image has budget ``left`` (A,):
+    Query order per image, each query only while the image has budget ``left`` (A,):
     1. ``x(t_best)``: not fooled means the ray is no better than the incumbent (one query), and,
        the label being taken as monotone along the ray, that ``x(1)`` is not adversarial either;
     2. else ``x(1)``: the success check inside the threat model;
-    3. else ``steps`` bisection queries in log-scale between ``1`` and ``t_best``.
+    3. else log-scale bisection between ``1`` and ``t_best``: at most ``steps`` queries, fewer once
+       the bracket ``hi / lo`` is within ``1 + tol``.
+    Rows with ``check_first`` (A,) bool ask ``x(1)`` before ``x(t_best)``: cheaper while most rays
+    reach ``t_best`` (far incumbents, e.g. the initial design), and a success costs one query.
     Returns ``success`` (A,) bool, ``t_hi`` (A,) the smallest scale known to fool (``t_best`` if
-    none is known), ``reached`` (A,) bool: the label flipped at ``t_best`` (else the ray's distance
-    is only known to exceed ``t_best``).
+    none is known; 1 on success), ``reached`` (A,) bool: the ray fools at ``t_best`` (else its
+    distance is only known to exceed ``t_best``).
     """
-    a = x.shape[0]
-    success = torch.zeros(a, dtype=torch.bool, device=x.device)
-    lo, hi = torch.ones_like(t_best), t_best.clone()                            # (A,) scale brackets
-    m = left > 0
-    if bool(m.any()):
-        far = torch.zeros_like(success)
-        far[m] = fooled(point(x[m], u[m], t_best[m], norm, eps), rows[m])
-        left = left - m.long()
-        m = far & (left > 0)
-    else:
-        m = torch.zeros_like(success)
-    reached = m.clone()                                                         # fooled at t_best: bracketed
-    if bool(m.any()):
-        success[m] = fooled(point(x[m], u[m], 1.0, norm, eps), rows[m])
-        left = left - m.long()
-    m = m & ~success
-    for _ in range(steps):
+    left = left.clone()
+    none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def ask(m: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:          # (A,) bool, False where not asked
         m = m & (left > 0)
+        out = none.clone()
+        if bool(m.any()):
+            out[m] = fooled(point(x[m], u[m], t[m] if isinstance(t, torch.Tensor) else t, norm, eps), rows[m])
+            left.sub_(m.long())
+        return out
+
+    first = none if check_first is None else check_first
+    success = ask(first, 1.0)
+    far = ask(~success, t_best)
+    success |= ask(far & ~first, 1.0)
+    reached = success | far
+    lo, hi = torch.ones_like(t_best), t_best.clone()                            # (A,) scale brackets
+    gap = torch.log(t_best.clamp_min(1.0 + 1e-6)) / (math.log1p(tol) if tol > 0 else 1e-30)
+    n_steps = torch.log2(gap.clamp_min(1.0)).ceil().clamp(max=steps)           # (A,) steps to reach tol
+    m = reached & ~success
+    for k in range(steps):
+        m = m & (n_steps > k) & (left > 0)
         if not bool(m.any()):
             break
-        mid = (lo[m] * hi[m]).sqrt()                                            # geometric midpoint
-        f = fooled(point(x[m], u[m], mid, norm, eps), rows[m])
-        hi[m], lo[m] = torch.where(f, mid, hi[m]), torch.where(f, lo[m], mid)
-        left = left - m.long()
+        mid = (lo * hi).sqrt()                                                  # geometric midpoint
+        f = ask(m, mid)
+        hi, lo = torch.where(m & f, mid, hi), torch.where(m & ~f, mid, lo)
     hi[success] = 1.0
     return success, hi, reached

@@ -18,9 +18,11 @@ Objectives (maximized; an image stops at its first success):
 - ``"distance"`` (default): ``f = -log t*``, the label-only distance along the ray at which the
   label flips (Cheng et al., ICLR 2019's boundary distance, on the BO paper's subspace), measured
   against the incumbent: a query at ``x(t_best)``; only if that flips, the success check at
-  ``x(1)`` and ``bisect_steps`` log-scale bisection queries. A ray no better than the incumbent
-  costs one query and gets ``f = -log(t_best) - log(1.25)`` (censored). ``t_best`` starts at
-  ``max_scale``. The GP sees graded values, so EI can climb toward the boundary; with
+  ``x(1)`` and ``bisect_steps`` log-scale bisection queries (a fixed relative precision: stopping
+  at an absolute tolerance measured worse, it blurs the last few percent). A ray no better than
+  the incumbent costs one query and gets ``f = -log(t_best) - log(1.25)`` (censored). ``t_best``
+  starts at ``max_scale``; the initial design asks ``x(1)`` first (most of its rays reach
+  ``max_scale`` anyway). The GP sees graded values, so EI can climb toward the boundary; with
   ``trust_region=True`` (default) EI is maximized in a TuRBO cube around the incumbent
   (``attacks._trust_region``), which is what makes the climb work in ``d' ~ 50`` dimensions.
 
@@ -115,7 +117,8 @@ class BOHardLabel(Attack):
         if not (isinstance(max_scale, int | float) and math.isfinite(max_scale) and max_scale > 1):
             raise ValueError(f"max_scale must be a finite number > 1 (units of eps), got {max_scale!r}")
         self.max_queries, self.n_init, self.subspace, self.dim = max_queries, n_init, subspace, dim
-        self.acquisition, self.objective, self.bisect_steps = acquisition, objective, bisect_steps
+        self.acquisition, self.objective = acquisition, objective
+        self.bisect_steps = bisect_steps
         self.max_scale, self.trust_region, self.gp_points = float(max_scale), bool(trust_region), gp_points
         self.beta, self.targeted, self.seed = float(beta), bool(targeted), seed
         self.raw_samples, self.acq_steps, self.fit_maxiter = raw_samples, acq_steps, fit_maxiter
@@ -173,7 +176,7 @@ class BOHardLabel(Attack):
                     z = z * (self.eps / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
                 u = direction(to_image(z, self.subspace, dim, shape).to(x.dtype), self.norm, self.eps)  # (A, C, H, W)
                 before = t_best[act].clone()
-                ok, f = self._evaluate(fooled, x[act], u, act, t_best, oracle.remaining()[act])
+                ok, f = self._evaluate(fooled, x[act], u, act, t_best, oracle.remaining()[act], it < self.n_init)
                 if local and it >= self.n_init:
                     regions.update(act, t_best[act] < before)
                 x_adv[act[ok]] = point(x[act[ok]], u[ok], 1.0, self.norm, self.eps)  # the queried in-ball image
@@ -189,15 +192,16 @@ class BOHardLabel(Attack):
         return AttackResult(x_adv, success, oracle.counts.clone(), info)
 
     def _evaluate(self, fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
-                  t_best: torch.Tensor, left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  t_best: torch.Tensor, left: torch.Tensor, init: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Objective on the rays ``u`` (A, C, H, W) of images ``rows``; updates ``t_best`` (B,) in place.
         Returns success (A,) bool and f (A,) float64."""
         if self.objective == "indicator":
             ok = fooled(point(x, u, 1.0, self.norm, self.eps), rows)
             return ok, ok.double() - 1.0
         tb = t_best[rows]
+        first = torch.full(rows.shape, init, dtype=torch.bool, device=x.device)  # initial design: x(1) first
         ok, hi, reached = ray_distance(fooled, x, u, rows, tb.to(x.dtype), left, self.norm, self.eps,
-                                       self.bisect_steps)
+                                       self.bisect_steps, check_first=first)
         hi = hi.double()
         f = torch.where(reached, -hi.log(), -tb.log() - CENSOR)
         f[ok] = 0.0
