@@ -112,6 +112,8 @@ class BOHardLabel(Attack):
             raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if dim is not None:
             check_subspace(subspace, dim, (1, 10**6, 10**6))  # sizes are checked again against the images
+        if not isinstance(trust_region, bool):
+            raise ValueError(f"trust_region must be true or false, got {trust_region!r}")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
         if not (isinstance(max_scale, int | float) and math.isfinite(max_scale) and max_scale > 1):

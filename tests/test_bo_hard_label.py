@@ -110,15 +110,31 @@ def test_oracle_budget_and_no_logits() -> None:
 
 @settings(max_examples=8, deadline=None)
 @given(budget=st.integers(1, 7), n_init=st.integers(1, 4), acq=st.sampled_from(["ei", "ucb", "random"]),
-       norm=st.sampled_from(["linf", "l2"]))
-def test_budget_never_exceeded(budget: int, n_init: int, acq: str, norm: str) -> None:
+       norm=st.sampled_from(["linf", "l2"]), objective=st.sampled_from(["distance", "indicator"]))
+def test_budget_never_exceeded(budget: int, n_init: int, acq: str, norm: str, objective: str) -> None:
     n_init = min(n_init, budget)
     model = GuardedModel(MeanThreshold(t=2.0))                     # unbreakable: every image spends the budget
     x, _ = images([0.2, 0.7])
     y = torch.zeros(2, dtype=torch.long)
-    res = attack(max_queries=budget, n_init=n_init, acquisition=acq, norm=norm, eps=0.5)(model, x, y)
+    res = attack(max_queries=budget, n_init=n_init, acquisition=acq, norm=norm, eps=0.5, objective=objective)(
+        model, x, y)
     assert res.queries.tolist() == [budget, budget] and model.rows == 2 * budget
     assert not bool(res.success.any()) and torch.equal(res.x_adv, x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(budget=st.integers(1, 30), bisect=st.integers(0, 6), norm=st.sampled_from(["linf", "l2"]))
+def test_budget_never_exceeded_while_bisecting(budget: int, bisect: int, norm: str) -> None:
+    model = GuardedModel(MeanThreshold(t=0.5))                     # flips far outside the ball: rays bisect
+    x, y = images([0.7, 0.75])
+    eps = 0.05 if norm == "linf" else 0.4
+    res = attack(max_queries=budget, n_init=min(3, budget), norm=norm, eps=eps, max_scale=12.0,
+                 bisect_steps=bisect)(model, x, y)
+    assert res.queries.tolist() == [budget, budget] and model.rows == 2 * budget
+    assert not bool(res.success.any())
+    assert all(1.0 < t <= 12.0 for t in res.info["ray_distance"])
+    if budget >= 20 and bisect >= 3:                                # the boundary was found and bisected
+        assert any(t < 12.0 for t in res.info["ray_distance"]) and res.info["bo_steps"] < budget
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.8)])
@@ -179,7 +195,9 @@ def test_registry_and_cli_introspection() -> None:
 @pytest.mark.parametrize("kw,words", [
     ({"eps": -0.1}, "eps"), ({"max_queries": 3, "n_init": 5}, "n_init"), ({"subspace": "dct"}, "unknown subspace"),
     ({"acquisition": "pi"}, "unknown acquisition"), ({"norm": "l1"}, "norm"), ({"max_queries": 0}, "max_queries"),
-    ({"dim": 0}, "dim"), ({"beta": -1.0}, "beta"),
+    ({"dim": 0}, "dim"), ({"beta": -1.0}, "beta"), ({"objective": "margin"}, "unknown objective"),
+    ({"bisect_steps": -1}, "bisect_steps"), ({"max_scale": 1.0}, "max_scale"), ({"gp_points": 1}, "gp_points"),
+    ({"trust_region": "maybe"}, "trust_region"),
 ])
 def test_bad_input(kw: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
