@@ -10,7 +10,17 @@ and L2 eps=3.0, untargeted. Success at budget q: an adversarial point inside the
 [0, 1]) was found within the first q label queries of that image. Ours and random search stop at
 that point and return it; the peers are run once per image through a counting wrapper that
 records the first in-ball adversarial query and stops the peer at the largest budget.
-Writes one JSON file (default ``benchmarks/results/bo_attack.json``).
+
+Runs per threat model (``RUNS``): random search in our subspace (0/1 objective, one query per point),
+foolbox ``HopSkipJumpAttack``, ART ``HopSkipJump``, ours with its defaults (batched over all images,
+plus the same first ``--loop-images`` images attacked batched and one at a time, timed), and two
+ablations on the first ``--ablation-n`` images: the official code's configuration (0/1 objective,
+FFT dim 12, no trust region) and ours without the trust region. ``summary`` puts ours beside the
+best HopSkipJump at every budget, with the paper's claims restated on this run. Caveat on tuning:
+the subspace/dim defaults came from the per-query success of random latents on these same first
+100 images (no attack run); the trust region and bisection steps were tuned on other images
+(indices 100-129 of the correctly classified ones). Writes one JSON file (default
+``benchmarks/results/bo_attack.json``), atomically after every run; ``--resume`` keeps finished runs.
 """
 
 from __future__ import annotations
