@@ -294,14 +294,16 @@ def main() -> None:
                 r = run_ours(model, x[:m], y[:m], norm, eps, top, args.loop_images if name == "ours_bo" else 0,
                              args.seed, **cfg)
             r.update(budget=top, n_images=m, success_rate_at_budget=curve(r["first_success_query"], budgets))
-            if m < len(y):  # the other methods on the same subset, for a like-for-like comparison
-                r["others_on_same_images"] = {k: curve(v["first_success_query"][:m], budgets)
-                                              for k, v in res.items() if not k.startswith("ablation")}
             res[name] = r
             print(f"{key} {name}: {r['success_rate_at_budget']}  ({r['wall_s']}s)", flush=True)
             out["summary"] = {k: summary(v, budgets) for k, v in out["results"].items()}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(args.out, out)  # partial results survive an interrupt
+    for res in out["results"].values():  # subset runs: every full run on the same images, like for like
+        for r in res.values():
+            if r["n_images"] < len(y):
+                r["others_on_same_images"] = {k: curve(v["first_success_query"][:r["n_images"]], budgets)
+                                              for k, v in res.items() if v["n_images"] == len(y)}
     if "acq" not in skip:
         out["acquisition_optimizer_timing"] = acq_optimizer_timing(a=4 if args.quick else 20)
         print("acquisition optimizer timing:", out["acquisition_optimizer_timing"], flush=True)
