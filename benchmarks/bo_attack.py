@@ -184,9 +184,11 @@ def acq_optimizer_timing(a: int = 20, n: int = 50, d: int = 49, raw: int = 100, 
     ty = -torch.rand(a, n, 1, generator=g, dtype=torch.float64)
     gens = [torch.Generator().manual_seed(seed) for _ in range(a)]
     box = torch.full((a, d), 2.0, dtype=torch.float64)
+    kw = {"acquisition": "ei", "beta": 1.0, "lower": -box, "upper": box, "raw_samples": raw, "acq_steps": 10,
+          "fit_maxiter": 25}
+    propose(tx[:1], ty[:1], {}, gens[:1], **{**kw, "lower": -box[:1], "upper": box[:1]})  # warm-up: imports, JIT
     t0 = time.perf_counter()
-    propose(tx, ty, {}, gens, acquisition="ei", beta=1.0, lower=-box, upper=box, raw_samples=raw, acq_steps=10,
-            fit_maxiter=25)
+    propose(tx, ty, {}, gens, **kw)
     t_ours_with_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     gp = fit_gp(tx, ty, {}, 25)
@@ -204,6 +206,34 @@ def acq_optimizer_timing(a: int = 20, n: int = 50, d: int = 49, raw: int = 100, 
             "optimize_acqf_per_image_loop_s": round(t_loop, 2),
             "note": "the loop re-wraps each image's fitted GP (1 L-BFGS step, included) then runs optimize_acqf "
                     "(num_restarts=1, raw_samples as ours, L-BFGS-B to convergence)"}
+
+
+def bo_step_scaling(sizes: tuple[int, ...] = (1, 8, 32, 100), n: int = 100, d: int = 49, reps: int = 5,
+                    seed: int = 0) -> dict[str, Any]:
+    """Wall time of one BO step (warm-started GP refit + acquisition, as inside the attack: the data gain
+    a point every step) for ``A`` images at once; per image-step it shows what batching buys here."""
+    from attacks._bo_gp import propose
+
+    out: dict[str, Any] = {"gp_points": n, "latent_dim": d, "median_of": reps}
+    for a in sizes:
+        g = torch.Generator().manual_seed(seed)
+        gens = [torch.Generator().manual_seed(seed) for _ in range(a)]
+        box = torch.full((a, d), 2.0, dtype=torch.float64)
+        kw = {"acquisition": "ei", "beta": 1.0, "lower": -box, "upper": box, "raw_samples": 100, "acq_steps": 10,
+              "fit_maxiter": 25}
+        tx = 4 * torch.rand(a, n, d, generator=g, dtype=torch.float64) - 2
+        ty = -torch.rand(a, n, 1, generator=g, dtype=torch.float64)
+        z, state = propose(tx, ty, {}, gens, **kw)
+        times = []
+        for _ in range(reps):
+            tx = torch.cat([tx[:, 1:], z.unsqueeze(1)], 1)
+            ty = torch.cat([ty[:, 1:], -torch.rand(a, 1, 1, generator=g, dtype=torch.float64)], 1)
+            t0 = time.perf_counter()
+            z, state = propose(tx, ty, state, gens, **kw)
+            times.append(time.perf_counter() - t0)
+        step = sorted(times)[reps // 2]
+        out[f"A={a}"] = {"step_ms": round(1000 * step, 1), "per_image_step_ms": round(1000 * step / a, 1)}
+    return out
 
 
 def summary(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
@@ -307,6 +337,8 @@ def main() -> None:
     if "acq" not in skip:
         out["acquisition_optimizer_timing"] = acq_optimizer_timing(a=4 if args.quick else 20)
         print("acquisition optimizer timing:", out["acquisition_optimizer_timing"], flush=True)
+        out["bo_step_scaling"] = bo_step_scaling((1, 4) if args.quick else (1, 8, 32, 100))
+        print("one BO step vs images batched:", out["bo_step_scaling"], flush=True)
     out["summary"] = {k: summary(v, budgets) for k, v in out["results"].items()}
     atomic_write_json(args.out, out)
     print(json.dumps(out["summary"], indent=1))
