@@ -1,7 +1,7 @@
 """Benchmark: hard-label BO attack (ours) vs HopSkipJump (foolbox, ART) vs random search, MNIST CNN.
 
     .venv/bin/python benchmarks/bo_attack.py --quick          # smoke run, a couple of minutes
-    .venv/bin/python benchmarks/bo_attack.py                  # full: 100 images, budgets 100..1000 (~1 h)
+    .venv/bin/python benchmarks/bo_attack.py                  # full: 100 images, budgets 100..1000 (~45 min, 1 thread)
 
 Model: the LeNet-style CNN of Madry et al. (``lenet``), trained a few epochs on mnist5k/train
 inside the benchmark and cached under ``benchmarks/results/bo_attack_cnn`` (robustkit.zoo.save).
