@@ -31,7 +31,9 @@ BO as in the official code: ``n_init=5`` initial points uniform in ``[-1, 1]^d'`
 every step (warm-started L-BFGS, at most ``fit_maxiter`` steps) on at most ``gp_points`` points per
 image (``attacks._bo_gp.window``; ``None``: all, as the official code); acquisition EI (BoTorch
 ``LogExpectedImprovement``) or UCB (``beta=1``) over ``[-2, 2]^d'``; for L2, ``z`` is rescaled to
-``||z||_2 = eps`` (official ``latent_proj``). ``subspace="fft"`` with ``dim=d`` uses the cosine and
+``||z||_2 = latent_radius`` (official ``latent_proj``, which uses ``eps``: only the direction of ``z``
+matters for our rays, so the default ``sqrt(d'/3)``, the typical norm of the initial design, keeps
+the trust region's geometry the same for every eps). ``subspace="fft"`` with ``dim=d`` uses the cosine and
 sine coefficients of the ``d x d`` lowest frequencies per channel (``d' = 2 C d^2``, the official
 ``--cos --sin``); ``subspace="upsample"`` (default; our addition) a ``C x d x d`` tile (``d' = C d^2``).
 ``dim=None`` picks 4 for fft and 7 for upsample on images under 64 px (on the mnist5k CNN these had
@@ -49,7 +51,7 @@ uniform in the same box and the same rays (with ``objective="indicator"``: one q
 
 Args: norm ("linf" | "l2"), eps, max_queries (per image), subspace, dim, n_init, acquisition ("ei" |
 "ucb" | "random"), objective ("distance" | "indicator"), bisect_steps, max_scale, trust_region,
-gp_points, beta,
+gp_points, latent_radius, beta,
 targeted (``y`` = target labels), seed (each image draws from its own stream seeded with ``seed``,
 so results do not depend on the batch), raw_samples, acq_steps, fit_maxiter.
 Shapes: x (B, C, H, W) in [0, 1], y (B,). Returns AttackResult with queries (B,) = oracle calls up to
@@ -69,7 +71,7 @@ from torch import nn
 
 from attacks._bo_gp import propose, uniform, window
 from attacks._oracle import LabelOracle
-from attacks._ray import direction, point, ray_distance
+from attacks._ray import Fooled, direction, point, ray_distance
 from attacks._subspace import SUBSPACES, check_subspace, latent_dim, to_image
 from attacks._trust_region import TrustRegions
 from attacks.base import Attack, AttackResult
@@ -91,7 +93,7 @@ class BOHardLabel(Attack):
     def __init__(self, *, norm: str = "linf", eps: float | str, max_queries: int = 1000, subspace: str = "upsample",
                  dim: int | None = None, n_init: int = 5, acquisition: str = "ei", objective: str = "distance",
                  bisect_steps: int = 5, max_scale: float = 4.0, trust_region: bool = True,
-                 gp_points: int | None = 100, beta: float = 1.0,
+                 gp_points: int | None = 100, latent_radius: float | None = None, beta: float = 1.0,
                  targeted: bool = False, seed: int | None = None, raw_samples: int = 100, acq_steps: int = 10,
                  fit_maxiter: int = 25) -> None:
         self.norm = ThreatModel(norm, 0.0).norm
@@ -114,6 +116,8 @@ class BOHardLabel(Attack):
             check_subspace(subspace, dim, (1, 10**6, 10**6))  # sizes are checked again against the images
         if not isinstance(trust_region, bool):
             raise ValueError(f"trust_region must be true or false, got {trust_region!r}")
+        if latent_radius is not None and not (isinstance(latent_radius, int | float) and latent_radius > 0):
+            raise ValueError(f"latent_radius must be a number > 0 or null, got {latent_radius!r}")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
         if not (isinstance(max_scale, int | float) and math.isfinite(max_scale) and max_scale > 1):
@@ -122,6 +126,7 @@ class BOHardLabel(Attack):
         self.acquisition, self.objective = acquisition, objective
         self.bisect_steps = bisect_steps
         self.max_scale, self.trust_region, self.gp_points = float(max_scale), bool(trust_region), gp_points
+        self.latent_radius = None if latent_radius is None else float(latent_radius)
         self.beta, self.targeted, self.seed = float(beta), bool(targeted), seed
         self.raw_samples, self.acq_steps, self.fit_maxiter = raw_samples, acq_steps, fit_maxiter
 
@@ -153,6 +158,7 @@ class BOHardLabel(Attack):
         act = torch.arange(b, device=x.device)                                   # (A,) active images
         tx, ty = torch.zeros(b, 0, d, **dd), torch.zeros(b, 0, 1, **dd)          # (A, n, d), (A, n, 1)
         state: dict[str, torch.Tensor] = {}                                      # GP hyperparameters, warm start
+        radius = (d / 3) ** 0.5 if self.latent_radius is None else self.latent_radius  # L2 latent sphere
         local = self.trust_region and self.objective == "distance" and self.acquisition != "random"
         regions = TrustRegions(b, d, x.device)
         steps = 0
@@ -165,8 +171,8 @@ class BOHardLabel(Attack):
                 elif self.acquisition == "random":
                     z = torch.stack([uniform(gens[i], (d,), SEARCH_BOX) for i in act.tolist()]).to(**dd)
                 else:
-                    lower, upper = torch.full((act.numel(), d), -SEARCH_BOX, **dd), torch.full((act.numel(), d),
-                                                                                                SEARCH_BOX, **dd)
+                    upper = torch.full((act.numel(), d), SEARCH_BOX, **dd)
+                    lower = -upper
                     if local:                                                    # (A, d) cube around the incumbent
                         centre = tx[torch.arange(act.numel()), ty[:, :, 0].argmax(1)]
                         lower, upper = regions.bounds(centre, act, SEARCH_BOX)
@@ -174,8 +180,8 @@ class BOHardLabel(Attack):
                     z, state = propose(wx, wy, state, [gens[i] for i in act.tolist()], acquisition=self.acquisition,
                                        beta=self.beta, lower=lower, upper=upper, raw_samples=self.raw_samples,
                                        acq_steps=self.acq_steps, fit_maxiter=self.fit_maxiter)
-                if self.norm == "l2":                                            # official latent_proj
-                    z = z * (self.eps / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                if self.norm == "l2":                                            # official latent_proj (radius)
+                    z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
                 u = direction(to_image(z, self.subspace, dim, shape).to(x.dtype), self.norm, self.eps)  # (A, C, H, W)
                 before = t_best[act].clone()
                 ok, f = self._evaluate(fooled, x[act], u, act, t_best, oracle.remaining()[act], it < self.n_init)
@@ -193,7 +199,7 @@ class BOHardLabel(Attack):
                 "bo_steps": steps, "ray_distance": torch.where(success, 1.0, t_best).tolist()}
         return AttackResult(x_adv, success, oracle.counts.clone(), info)
 
-    def _evaluate(self, fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
+    def _evaluate(self, fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor,
                   t_best: torch.Tensor, left: torch.Tensor, init: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Objective on the rays ``u`` (A, C, H, W) of images ``rows``; updates ``t_best`` (B,) in place.
         Returns success (A,) bool and f (A,) float64."""

@@ -266,7 +266,8 @@ RUNS: dict[str, dict[str, Any]] = {  # name -> BOHardLabel overrides (ours) or t
     "ours_bo": {},
     # ablations, on the first --ablation-n images: the official code's configuration (0/1 objective,
     # FFT dim 12, no trust region) and ours without the trust region
-    "ablation_official_config": {"objective": "indicator", "subspace": "fft", "dim": 12, "trust_region": False},
+    "ablation_official_config": {"objective": "indicator", "subspace": "fft", "dim": 12, "trust_region": False,
+                                 "latent_radius": 3.0},  # = eps of the L2 run (official latent_proj); L-inf: unused
     "ablation_no_trust_region": {"trust_region": False},
 }
 

@@ -197,7 +197,7 @@ def test_registry_and_cli_introspection() -> None:
     ({"acquisition": "pi"}, "unknown acquisition"), ({"norm": "l1"}, "norm"), ({"max_queries": 0}, "max_queries"),
     ({"dim": 0}, "dim"), ({"beta": -1.0}, "beta"), ({"objective": "margin"}, "unknown objective"),
     ({"bisect_steps": -1}, "bisect_steps"), ({"max_scale": 1.0}, "max_scale"), ({"gp_points": 1}, "gp_points"),
-    ({"trust_region": "maybe"}, "trust_region"),
+    ({"trust_region": "maybe"}, "trust_region"), ({"latent_radius": 0.0}, "latent_radius"),
 ])
 def test_bad_input(kw: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
