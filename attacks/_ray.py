@@ -35,13 +35,11 @@ def point(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | float, norm: str, 
           iters: int = 40) -> torch.Tensor:
     """The image at scale ``t`` (N,) (or a float) along direction ``u`` from ``x`` (N, C, H, W)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0]).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
-    if x.shape[0] == 0:
-        return x.clone()
     if norm == "linf":
         return (x + t * eps * u).clamp(0.0, 1.0)
     target = t.flatten() * eps                                                  # (N,) wanted L2 norm
     lo = torch.zeros_like(target)
-    hi = torch.full_like(target, 2.0 * x[0].numel() ** 0.5)                  # past it every pixel is clipped
+    hi = torch.full_like(target, 2.0 * math.prod(x.shape[1:]) ** 0.5)        # past it every pixel is clipped
     for _ in range(iters):                                                      # n(s) = ||clip(x+su)-x|| rises in s
         mid = (lo + hi) / 2
         n = ((x + mid.view(-1, 1, 1, 1) * u).clamp(0.0, 1.0) - x).flatten(1).norm(dim=1)
@@ -50,7 +48,7 @@ def point(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | float, norm: str, 
 
 
 def ray_distance(fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, t_best: torch.Tensor,
-                 left: torch.Tensor, norm: str, eps: float, steps: int, tol: float = 0.0,
+                 left: torch.Tensor, norm: str, eps: float, steps: int,
                  check_first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Label-only distance along each ray, relative to the incumbent ``t_best`` (A,) > 1.
 
@@ -58,8 +56,7 @@ def ray_distance(fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.T
     1. ``x(t_best)``: not fooled means the ray is no better than the incumbent (one query), and,
        the label being taken as monotone along the ray, that ``x(1)`` is not adversarial either;
     2. else ``x(1)``: the success check inside the threat model;
-    3. else log-scale bisection between ``1`` and ``t_best``: at most ``steps`` queries, fewer once
-       the bracket ``hi / lo`` is within ``1 + tol``.
+    3. else ``steps`` log-scale bisection queries between ``1`` and ``t_best``.
     Rows with ``check_first`` (A,) bool ask ``x(1)`` before ``x(t_best)``: cheaper while most rays
     reach ``t_best`` (far incumbents, e.g. the initial design), and a success costs one query.
     Returns ``success`` (A,) bool, ``t_hi`` (A,) the smallest scale known to fool (``t_best`` if
@@ -83,11 +80,9 @@ def ray_distance(fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.T
     success |= ask(far & ~first, 1.0)
     reached = success | far
     lo, hi = torch.ones_like(t_best), t_best.clone()                            # (A,) scale brackets
-    gap = torch.log(t_best.clamp_min(1.0 + 1e-6)) / (math.log1p(tol) if tol > 0 else 1e-30)
-    n_steps = torch.log2(gap.clamp_min(1.0)).ceil().clamp(max=steps)           # (A,) steps to reach tol
     m = reached & ~success
-    for k in range(steps):
-        m = m & (n_steps > k) & (left > 0)
+    for _ in range(steps):
+        m = m & (left > 0)
         if not bool(m.any()):
             break
         mid = (lo * hi).sqrt()                                                  # geometric midpoint

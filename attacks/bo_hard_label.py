@@ -183,12 +183,11 @@ class BOHardLabel(Attack):
                 if self.norm == "l2":                                            # official latent_proj (radius)
                     z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
                 u = direction(to_image(z, self.subspace, dim, shape).to(x.dtype), self.norm, self.eps)  # (A, C, H, W)
-                before = t_best[act].clone()
-                ok, f = self._evaluate(fooled, x[act], u, act, t_best, oracle.remaining()[act], it < self.n_init)
+                ok, f, improved, x_ok = self._evaluate(fooled, x[act], u, act, t_best, oracle.remaining()[act],
+                                                       it < self.n_init)
                 if local and it >= self.n_init:
-                    regions.update(act, t_best[act] < before)
-                x_adv[act[ok]] = point(x[act[ok]], u[ok], 1.0, self.norm, self.eps)  # the queried in-ball image
-                success[act[ok]] = True
+                    regions.update(act, improved)
+                x_adv[act[ok]], success[act[ok]] = x_ok, True
                 tx, ty = torch.cat([tx, z.unsqueeze(1)], 1), torch.cat([ty, f.to(**dd).view(-1, 1, 1)], 1)
                 keep = ~ok & (oracle.remaining()[act] > 0)
                 act, tx, ty = act[keep], tx[keep], ty[keep]
@@ -199,13 +198,15 @@ class BOHardLabel(Attack):
                 "bo_steps": steps, "ray_distance": torch.where(success, 1.0, t_best).tolist()}
         return AttackResult(x_adv, success, oracle.counts.clone(), info)
 
-    def _evaluate(self, fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor,
-                  t_best: torch.Tensor, left: torch.Tensor, init: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate(self, fooled: Fooled, x: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, t_best: torch.Tensor,
+                  left: torch.Tensor, init: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Objective on the rays ``u`` (A, C, H, W) of images ``rows``; updates ``t_best`` (B,) in place.
-        Returns success (A,) bool and f (A,) float64."""
+        Returns success (A,) bool, f (A,) float64, improved (A,) bool (``t_best`` went down) and the
+        queried in-ball images of the successful rows (S, C, H, W)."""
         if self.objective == "indicator":
-            ok = fooled(point(x, u, 1.0, self.norm, self.eps), rows)
-            return ok, ok.double() - 1.0
+            xa = point(x, u, 1.0, self.norm, self.eps)
+            ok = fooled(xa, rows)
+            return ok, ok.double() - 1.0, torch.zeros_like(ok), xa[ok]
         tb = t_best[rows]
         first = torch.full(rows.shape, init, dtype=torch.bool, device=x.device)  # initial design: x(1) first
         ok, hi, reached = ray_distance(fooled, x, u, rows, tb.to(x.dtype), left, self.norm, self.eps,
@@ -213,5 +214,6 @@ class BOHardLabel(Attack):
         hi = hi.double()
         f = torch.where(reached, -hi.log(), -tb.log() - CENSOR)
         f[ok] = 0.0
-        t_best[rows] = torch.where(reached, torch.minimum(hi, tb), tb)
-        return ok, f
+        improved = reached & (hi < tb)
+        t_best[rows] = torch.where(improved, hi, tb)
+        return ok, f, improved, point(x[ok], u[ok], 1.0, self.norm, self.eps)  # x(1) again, successes only
