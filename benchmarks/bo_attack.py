@@ -170,6 +170,19 @@ def run_peer(lib: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
             "queries_counted": "every model row the peer evaluates, incl. its initialization and label lookup"}
 
 
+def _gp_problem(a: int, n: int, d: int, raw: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         list[torch.Generator], dict[str, Any]]:
+    """Seeded GP data for ``a`` images (``n`` points in ``[-2, 2]^d``, graded values) and ``propose``'s
+    keyword arguments over the full box."""
+    g = torch.Generator().manual_seed(seed)
+    tx = 4 * torch.rand(a, n, d, generator=g, dtype=torch.float64) - 2
+    ty = -torch.rand(a, n, 1, generator=g, dtype=torch.float64)
+    box = torch.full((a, d), 2.0, dtype=torch.float64)
+    kw = {"acquisition": "ei", "beta": 1.0, "lower": -box, "upper": box, "raw_samples": raw, "acq_steps": 10,
+          "fit_maxiter": 25}
+    return tx, ty, [torch.Generator().manual_seed(seed) for _ in range(a)], kw
+
+
 def acq_optimizer_timing(a: int = 20, n: int = 50, d: int = 49, raw: int = 100, seed: int = 0) -> dict[str, Any]:
     """Seconds to pick the next point for ``a`` images (GPs fitted on ``n`` points in ``d`` dims): our
     batched screen + Adam (one call for all images) vs BoTorch ``optimize_acqf`` (L-BFGS-B, one call
@@ -179,14 +192,8 @@ def acq_optimizer_timing(a: int = 20, n: int = 50, d: int = 49, raw: int = 100, 
 
     from attacks._bo_gp import fit_gp, propose
 
-    g = torch.Generator().manual_seed(seed)
-    tx = 4 * torch.rand(a, n, d, generator=g, dtype=torch.float64) - 2
-    ty = -torch.rand(a, n, 1, generator=g, dtype=torch.float64)
-    gens = [torch.Generator().manual_seed(seed) for _ in range(a)]
-    box = torch.full((a, d), 2.0, dtype=torch.float64)
-    kw = {"acquisition": "ei", "beta": 1.0, "lower": -box, "upper": box, "raw_samples": raw, "acq_steps": 10,
-          "fit_maxiter": 25}
-    propose(tx[:1], ty[:1], {}, gens[:1], **{**kw, "lower": -box[:1], "upper": box[:1]})  # warm-up: imports, JIT
+    tx, ty, gens, kw = _gp_problem(a, n, d, raw, seed)
+    propose(tx[:1], ty[:1], {}, gens[:1], **{**kw, "lower": kw["lower"][:1], "upper": kw["upper"][:1]})  # warm-up
     t0 = time.perf_counter()
     propose(tx, ty, {}, gens, **kw)
     t_ours_with_fit = time.perf_counter() - t0
@@ -216,13 +223,8 @@ def bo_step_scaling(sizes: tuple[int, ...] = (1, 8, 32, 100), n: int = 100, d: i
 
     out: dict[str, Any] = {"gp_points": n, "latent_dim": d, "median_of": reps}
     for a in sizes:
-        g = torch.Generator().manual_seed(seed)
-        gens = [torch.Generator().manual_seed(seed) for _ in range(a)]
-        box = torch.full((a, d), 2.0, dtype=torch.float64)
-        kw = {"acquisition": "ei", "beta": 1.0, "lower": -box, "upper": box, "raw_samples": 100, "acq_steps": 10,
-              "fit_maxiter": 25}
-        tx = 4 * torch.rand(a, n, d, generator=g, dtype=torch.float64) - 2
-        ty = -torch.rand(a, n, 1, generator=g, dtype=torch.float64)
+        tx, ty, gens, kw = _gp_problem(a, n, d, 100, seed)
+        g = torch.Generator().manual_seed(seed + 1)                              # the new points' values
         z, state = propose(tx, ty, {}, gens, **kw)
         times = []
         for _ in range(reps):
@@ -250,7 +252,7 @@ def summary(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
         out[b] = {"ours": mine, "best_peer": best, "ratio": round(mine / best, 2) if best else None,
                   "ours_higher": mine is not None and mine > best}
     top = str(budgets[-1])
-    best_top = max(v["success_rate_at_budget"][top] or 0.0 for v in peers.values())
+    best_top = out[top]["best_peer"]
     q = sorted(v for v in ours["first_success_query"] if v)
     need = next((q[i] for i in range(len(q)) if (i + 1) / len(ours["first_success_query"]) >= best_top),
                 None) if best_top > 0 else None
