@@ -1,6 +1,6 @@
 """robustkit attacks. Importing this package registers every attack in ``ATTACKS``."""
 
-import robustkit.autoattack  # noqa: F401  (registers the real AutoAttack as attack "autoattack")
+import attacks.autoattack  # noqa: F401  (registers the real AutoAttack as attack "autoattack")
 from attacks.apgd import APGD
 from attacks.base import Attack, AttackResult, check_inputs, eval_mode
 from attacks.bo_hard_label import BOHardLabel

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import eval_mode
+from robustkit.modes import eval_mode
 
 
 class SanityWarning(UserWarning):

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 import defenses  # noqa: E402,F401
 from attacks.pgd import PGD  # noqa: E402
 from defenses.base import StepContext  # noqa: E402
-from defenses.recipe import train  # noqa: E402
+from robustkit.app.train import train  # noqa: E402
 from robustkit.config import TrainConfig, from_dict  # noqa: E402
 from robustkit.data import make_loader  # noqa: E402
 from robustkit.evaluate import clean_accuracy, robust_accuracy  # noqa: E402

@@ -7,7 +7,7 @@ Models (mnist5k, trained here once and cached under ``benchmarks/results/`` with
   eps 0.3 (linear eps ramp over the first 40% of the steps), a few epochs.
 
 For each model: AutoAttack standard (APGD-CE, APGD-T x9, FAB-T x9, Square 5000; via
-``robustkit.autoattack``) and ``fast`` (APGD-CE + APGD-T over the top-3 targets) on the first
+``attacks.autoattack``) and ``fast`` (APGD-CE + APGD-T over the top-3 targets) on the first
 ``--n`` test points (a fixed seeded shuffle), robust accuracy and wall-clock seconds; the gap in
 percentage points (fast - AutoAttack; > 0 means fast overestimates robustness), the time ratio
 (fast / AutoAttack) and the points only one of them broke. Targets: gap <= 1 point, ratio <= 1/5.
@@ -33,12 +33,12 @@ sys.path[:] = [str(_ROOT)] + [q for q in sys.path if Path(q or ".").resolve() no
 
 import torch  # noqa: E402
 
+from attacks.autoattack import run_autoattack  # noqa: E402
 from attacks.fast import FastEnsemble  # noqa: E402
 from defenses.base import StepContext  # noqa: E402
 from defenses.pgd_at import PGDAT  # noqa: E402
 from defenses.standard import Standard  # noqa: E402
 from defenses.trainer import fit  # noqa: E402
-from robustkit.autoattack import run_autoattack  # noqa: E402
 from robustkit.data import load_data, make_loader  # noqa: E402
 from robustkit.device import resolve_device  # noqa: E402
 from robustkit.io import atomic_write_json  # noqa: E402

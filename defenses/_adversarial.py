@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import eval_mode
 from defenses.base import Defense
+from robustkit.modes import eval_mode
 from robustkit.threat import ThreatModel, parse_eps
 
 # targets(x, y, num_classes) -> (B, K) probabilities; e.g. ADR-style rectified soft labels.

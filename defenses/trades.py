@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.base import eval_mode
 from defenses._adversarial import (
     AdversarialObjective,
     TargetsFn,
@@ -22,6 +21,7 @@ from defenses._adversarial import (
     reduce,
     resolve_preset,
 )
+from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
 
 # The official scripts' defaults. CIFAR-10: eps 0.031, 10 steps of 0.007 (train_trades_cifar10.py;

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import eval_mode
+from robustkit.modes import eval_mode
 
 
 def _device_of(model: nn.Module) -> torch.device:

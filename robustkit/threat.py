@@ -12,7 +12,37 @@ from fractions import Fraction
 
 import torch
 
+from robustkit.errors import InputError
+
 NORMS = ("linf", "l2")
+# spellings users write -> canonical name; "l1" is known (AutoAttack, dual norms) but not a ball here
+_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l∞": "linf", "li": "linf", "l2": "l2", "2": "l2",
+                 "l1": "l1", "1": "l1"}
+_DUAL = {"linf": "l1", "l1": "linf", "l2": "l2"}
+
+
+def parse_norm(value: str, allowed: tuple[str, ...] = NORMS) -> str:
+    """The canonical norm name (``"linf"``, ``"l2"``, ``"l1"``) of ``value`` (``"Linf"``,
+    ``"L-inf"``, ``"inf"``, ``"L2"``, ...); ``InputError`` unless it is one of ``allowed``."""
+    key = str(value).strip().lower().replace("-", "").replace("_", "")
+    norm = _NORM_ALIASES.get(key)
+    if norm not in allowed:
+        raise InputError(f"unknown norm {value!r}; allowed: {', '.join(allowed)}")
+    return norm
+
+
+def dual_norm(norm: str) -> str:
+    """The dual of an Lp norm (1/p + 1/q = 1): linf <-> l1, l2 <-> l2."""
+    return _DUAL[parse_norm(norm, tuple(_DUAL))]
+
+
+def lp_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample ``norm`` (``linf``, ``l2`` or ``l1``) of ``v (B, ...)``: ``(B,)``."""
+    flat = v.flatten(1)
+    n = parse_norm(norm, tuple(_DUAL))
+    if n == "linf":
+        return flat.abs().amax(dim=1)
+    return flat.norm(dim=1) if n == "l2" else flat.abs().sum(dim=1)
 
 
 def parse_eps(value: float | int | str) -> float:
@@ -56,11 +86,7 @@ class ThreatModel:
     eps: float | torch.Tensor
 
     def __post_init__(self) -> None:
-        norm = str(self.norm).lower().replace("-", "").replace("_", "")
-        norm = {"inf": "linf", "l∞": "linf"}.get(norm, norm)
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
-        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "norm", parse_norm(self.norm))
         if isinstance(self.eps, torch.Tensor):
             if self.eps.dim() > 1 or bool((self.eps < 0).any()) or not bool(torch.isfinite(self.eps).all()):
                 raise ValueError("tensor eps must be a finite, non-negative (B,) tensor")
@@ -122,10 +148,14 @@ class ThreatModel:
             delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
         return (x + delta).clamp(0.0, 1.0)
 
+    @property
+    def dual(self) -> str:
+        """The dual norm (``l1`` for L-inf, ``l2`` for L2): ``eps * ||w||_dual`` bounds ``w . delta``."""
+        return dual_norm(self.norm)
+
     def norm_of(self, delta: torch.Tensor) -> torch.Tensor:
         """Per-sample size of ``delta`` in this threat model's norm: ``(B,)``."""
-        flat = delta.flatten(1)
-        return flat.abs().amax(dim=1) if self.norm == "linf" else flat.norm(dim=1)
+        return lp_norm(delta, self.norm)
 
     def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
         """``(B,)`` bool: inside the ball (up to ``tol``) and inside ``[0, 1]``."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import robustkit.nets  # noqa: F401  (registers the built-in nets)
-from robustkit.errors import CheckpointError
+from robustkit.errors import CheckpointError, IncompatibleError
 from robustkit.io import atomic_write, atomic_write_json
 from robustkit.registry import MODELS, RegistryError
 
@@ -184,9 +184,30 @@ def save(model: RobustModel, path: str | Path) -> Path:
     return path
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (or the model itself)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def check_compatible(model: nn.Module, info: Any, name: str = "model") -> None:
+    """``IncompatibleError`` unless ``model`` fits the dataset ``info`` (a ``DatasetInfo``):
+    the same input shape ``(C, H, W)`` and the same number of classes. Models without
+    ``input_shape`` / ``num_classes`` (plain ``nn.Module``) are checked where they have them."""
+    inner = unwrap(model)
+    shape = tuple(getattr(inner, "input_shape", ()) or ())
+    if shape and shape != tuple(info.input_shape):
+        raise IncompatibleError(f"{name} expects inputs {shape}, but dataset {info.name!r} has "
+                                f"{tuple(info.input_shape)} (was it trained on another dataset?)")
+    k = getattr(inner, "num_classes", None)
+    if isinstance(k, int) and k != info.num_classes:
+        raise IncompatibleError(f"{name} has {k} classes, dataset {info.name!r} has {info.num_classes}")
+
+
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict safetensors accepts: contiguous CPU tensors, shared storage duplicated."""
-    src = model.module if hasattr(model, "module") else model
+    src = unwrap(model)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in src.state_dict().items()}
 
 

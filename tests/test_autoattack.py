@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import attacks  # noqa: F401  (registers the attacks, "autoattack" included)
 import robustkit
+from attacks.autoattack import AutoAttackAttack, _set_override, find_package, run_autoattack
 from attacks.base import AttackResult
-from robustkit.autoattack import AutoAttackAttack, _set_override, find_package, run_autoattack
 from robustkit.data import mnist5k
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel

@@ -1,4 +1,4 @@
-"""``robustkit.benchmark`` / ``robustkit benchmark``: two tiny MNIST models, 40 images, cheap attacks."""
+"""``robustkit.app.benchmark`` / ``robustkit benchmark``: two tiny MNIST models, 40 images, cheap attacks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-import robustkit.benchmark as bm
-from robustkit import _benchmark_report as rep
+import robustkit.app.benchmark as bm
+from robustkit.app import _bench_report as rep
 from robustkit.cli import main
 from robustkit.zoo import create, save
 
@@ -24,7 +24,7 @@ SMOOTH = {"n0": 10, "n": 100, "n_images": 8}
 
 def _has_autoattack() -> bool:
     try:
-        from robustkit.autoattack import find_package
+        from attacks.autoattack import find_package
 
         find_package()
         return True

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from robustkit.quickstart import Settings, run_quickstart
+from robustkit.app.quickstart import Settings, run_quickstart
 
 TINY = Settings(pretrain_epochs=1, finetune_epochs=1, trades_steps=2, noise_epochs=1, ibp_epochs=2, eval_n=50,
                 smoothing_images=4, smoothing_n0=20, smoothing_n=200, bench_n=16, ibp_images=32,

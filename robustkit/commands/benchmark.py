@@ -80,7 +80,7 @@ def _grid(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustkit.benchmark import SoundnessError, run_benchmark
+    from robustkit.app.benchmark import SoundnessError, run_benchmark
 
     device = setup(args)
     smoothing = {"n0": args.smooth_n0, "n": args.smooth_n, "alpha": args.alpha}

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from defenses.recipe import train
+    from robustkit.app.train import train
 
     cfg = config_from_args(args, base=DEFAULTS)
     if not cfg.model.pretrained:

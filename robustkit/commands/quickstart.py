@@ -1,4 +1,4 @@
-"""``robustkit quickstart``: the whole mission on the embedded mnist5k data (see robustkit.quickstart)."""
+"""``robustkit quickstart``: the whole mission on the embedded mnist5k data (see robustkit.app.quickstart)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustkit.quickstart import run_quickstart
+    from robustkit.app.quickstart import run_quickstart
 
     device = setup(args)
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from defenses.recipe import train
+    from robustkit.app.train import train
 
     if args.model and not Path(args.model).exists() and args.arch is None and _is_arch(args.model):
         args.arch, args.model = args.model, None  # `train --model ibp-small`: an architecture to train from scratch

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustkit import _benchmark_report as rep
-from robustkit._benchmark_report import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
+from robustkit.app import _bench_report as rep
+from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
 from robustkit.data import load_data
 from robustkit.evaluate import predict
 from robustkit.io import atomic_write_json
@@ -324,7 +324,7 @@ def attack_points(model: nn.Module, atk: Any, x: torch.Tensor, y: torch.Tensor, 
         meta.update({k: res.info[k] for k in ("package", "package_version", "version", "attacks") if k in res.info})
     meta["seconds"] = time.perf_counter() - t0
     if getattr(atk, "name", "") == "autoattack" and "package" not in meta:   # no clean-correct point to attack
-        from robustkit.autoattack import find_package
+        from attacks.autoattack import find_package
 
         _, meta["package"], meta["package_version"] = find_package(getattr(atk, "package", "auto"))
         meta.update(version=getattr(atk, "version", None), attacks=getattr(atk, "attacks", None))

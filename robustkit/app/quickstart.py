@@ -95,7 +95,7 @@ def run_quickstart(out: str | Path, device: torch.device, full: bool = False, pr
                    log: Callable[[str], None] = lambda m: None, settings: Settings | None = None) -> Path:
     """Run (or resume) every stage; returns the path of the combined ``report.md``.
     ``settings`` overrides the default / ``full`` settings (the tests use tiny ones)."""
-    from defenses.recipe import train
+    from robustkit.app.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def certify_stage(out: Path, s: Settings, device: torch.device, progress: bool) 
 
 
 def benchmark_stage(out: Path, s: Settings, device: torch.device) -> None:
-    from robustkit.benchmark import run_benchmark
+    from robustkit.app.benchmark import run_benchmark
 
     models = [str(out / n) for n in ("standard", "finetune", "noise", "ibp")]
     run_benchmark(models, dataset="mnist5k", norm="linf", eps=s.eps, n=s.bench_n,
