@@ -18,19 +18,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from robustkit.errors import InputError
+
 SUBSPACES = ("fft", "upsample")
 
 
 def check_subspace(kind: str, dim: int, shape: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``kind``/``dim`` fit images of ``shape`` (C, H, W)."""
+    """Raise ``InputError`` unless ``kind``/``dim`` fit images of ``shape`` (C, H, W)."""
     if kind not in SUBSPACES:
-        raise ValueError(f"unknown subspace {kind!r}; allowed: {', '.join(SUBSPACES)}")
+        raise InputError(f"unknown subspace {kind!r}; allowed: {', '.join(SUBSPACES)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        raise InputError(f"dim must be a positive integer, got {dim!r}")
     _, h, w = shape
     limit = min(h, w // 2 + 1) if kind == "fft" else min(h, w)
     if dim > limit:
-        raise ValueError(f"dim={dim} is too large for {kind!r} on {h}x{w} images (at most {limit})")
+        raise InputError(f"dim={dim} is too large for {kind!r} on {h}x{w} images (at most {limit})")
 
 
 def latent_dim(kind: str, dim: int, channels: int) -> int:

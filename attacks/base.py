@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkit.errors import InputError
 from robustkit.modes import eval_mode
+from robustkit.zoo import unwrap
 
 __all__ = ["Attack", "AttackResult", "check_inputs", "eval_mode", "num_classes_of"]
 
@@ -45,31 +47,31 @@ class AttackResult:
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, atol: float = 1e-6) -> None:
-    """Raise ``ValueError`` (saying what is allowed) for inputs that break the pixel-space contract."""
+    """Raise ``InputError`` (a ``ValueError``; it says what is allowed) for inputs that break the
+    pixel-space contract."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be an image batch (B, C, H, W), got {shape}")
+        raise InputError(f"x must be an image batch (B, C, H, W), got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
+        raise InputError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y must be a (B,) label tensor with B={x.shape[0]}, got {shape}")
+        raise InputError(f"y must be a (B,) label tensor with B={x.shape[0]}, got {shape}")
     if y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
     if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf; images must be finite values in [0, 1]")
+        raise InputError("x contains NaN or inf; images must be finite values in [0, 1]")
     if x.numel() and (float(x.min()) < -atol or float(x.max()) > 1 + atol):
-        raise ValueError(f"x must be in [0, 1] (pixel space; normalization belongs in the model), "
+        raise InputError(f"x must be in [0, 1] (pixel space; normalization belongs in the model), "
                          f"got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]")
     if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes - 1}], got values in "
+        raise InputError(f"labels must be in [0, {num_classes - 1}], got values in "
                          f"[{int(y.min())}, {int(y.max())}]")
 
 
 def num_classes_of(model: nn.Module) -> int | None:
     """``model.num_classes`` for RobustModel (and DDP-wrapped ones), else None."""
-    inner = getattr(model, "module", model)
-    n = getattr(inner, "num_classes", None)
+    n = getattr(unwrap(model), "num_classes", None)
     return int(n) if isinstance(n, int) else None
 
 

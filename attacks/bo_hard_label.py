@@ -75,8 +75,10 @@ from attacks._ray import Fooled, direction, point, ray_distance
 from attacks._subspace import SUBSPACES, check_subspace, latent_dim, to_image
 from attacks._trust_region import TrustRegions
 from attacks.base import Attack, AttackResult
+from robustkit.errors import InputError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel, parse_eps
+from robustkit.validate import number
 
 ACQUISITIONS = ("ei", "ucb", "random")
 OBJECTIVES = ("distance", "indicator")
@@ -103,25 +105,24 @@ class BOHardLabel(Attack):
                               ("bisect_steps", bisect_steps, 0), ("gp_points", 2 if gp_points is None else gp_points,
                                                                   2)):
             if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {val!r}")
+                raise InputError(f"{key} must be an integer >= {low}, got {val!r}")
         if max_queries < n_init:
-            raise ValueError(f"max_queries ({max_queries}) must be >= n_init ({n_init})")
+            raise InputError(f"max_queries ({max_queries}) must be >= n_init ({n_init})")
         if subspace not in SUBSPACES:
-            raise ValueError(f"unknown subspace {subspace!r}; allowed: {', '.join(SUBSPACES)}")
+            raise InputError(f"unknown subspace {subspace!r}; allowed: {', '.join(SUBSPACES)}")
         if acquisition not in ACQUISITIONS:
-            raise ValueError(f"unknown acquisition {acquisition!r}; allowed: {', '.join(ACQUISITIONS)}")
+            raise InputError(f"unknown acquisition {acquisition!r}; allowed: {', '.join(ACQUISITIONS)}")
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+            raise InputError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if dim is not None:
             check_subspace(subspace, dim, (1, 10**6, 10**6))  # sizes are checked again against the images
         if not isinstance(trust_region, bool):
-            raise ValueError(f"trust_region must be true or false, got {trust_region!r}")
+            raise InputError(f"trust_region must be true or false, got {trust_region!r}")
         if latent_radius is not None and not (isinstance(latent_radius, int | float) and latent_radius > 0):
-            raise ValueError(f"latent_radius must be a number > 0 or null, got {latent_radius!r}")
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
+            raise InputError(f"latent_radius must be a number > 0 or null, got {latent_radius!r}")
+        number("beta", beta, 0.0)
         if not (isinstance(max_scale, int | float) and math.isfinite(max_scale) and max_scale > 1):
-            raise ValueError(f"max_scale must be a finite number > 1 (units of eps), got {max_scale!r}")
+            raise InputError(f"max_scale must be a finite number > 1 (units of eps), got {max_scale!r}")
         self.max_queries, self.n_init, self.subspace, self.dim = max_queries, n_init, subspace, dim
         self.acquisition, self.objective = acquisition, objective
         self.bisect_steps = bisect_steps

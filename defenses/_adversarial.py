@@ -17,67 +17,78 @@ are not updated by the attack; the previous mode is restored per module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense
+from robustkit import validate
+from robustkit.errors import InputError
 from robustkit.modes import eval_mode
-from robustkit.threat import ThreatModel, parse_eps
+from robustkit.threat import ThreatModel, parse_eps, parse_norm
 
 # targets(x, y, num_classes) -> (B, K) probabilities; e.g. ADR-style rectified soft labels.
 TargetsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
-    """Validate a hyperparameter; raise ``ValueError`` naming it and what is allowed."""
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or value != value or (value < 0 if allow_zero else value <= 0):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return int(value) if integer else float(value)
+    """Validate a hyperparameter: ``InputError`` naming it and what is allowed."""
+    if integer:
+        return validate.integer(name, value, minimum=0 if allow_zero else 1)
+    return validate.number(name, value, 0.0, strict_min=not allow_zero)
 
 
 def resolve_preset(presets: dict[str, dict[str, Any]], preset: str | None, **given: Any) -> dict[str, Any]:
     """Explicit (non-``None``) values override the preset's; ``preset=None`` needs all of them."""
     if preset is not None and preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(presets)} (or None with explicit values)")
+        raise InputError(f"unknown preset {preset!r}; allowed: {', '.join(presets)} (or None with explicit values)")
     base = dict(presets[preset]) if preset is not None else {}
     base.update({k: v for k, v in given.items() if v is not None})
     missing = [k for k in given if k not in base]
     if missing:
-        raise ValueError(f"preset=None needs explicit {', '.join(missing)}")
+        raise InputError(f"preset=None needs explicit {', '.join(missing)}")
     return base
 
 
 class AdversarialObjective(Defense):
     """Base of the objectives with an inner maximization over an ``eps``-ball.
 
-    Subclasses set ``self.tm`` (``ThreatModel``), ``steps``, ``step_size`` and implement
-    ``perturb`` and ``objective``. ``label_smoothing`` / ``targets`` replace the hard
-    labels of the cross-entropy terms (the hook for ADR-style soft labels).
+    Subclasses set ``PRESETS`` (name -> ``eps``, ``steps``, ``step_size`` and their own knobs
+    such as ``beta``), call ``_setup`` from ``__init__`` and implement ``perturb`` and
+    ``objective``. ``label_smoothing`` / ``targets`` replace the hard labels of the
+    cross-entropy terms (the hook for ADR-style soft labels).
     """
 
-    def _init_common(self, norm: str, eps: float | str, steps: int, step_size: float | str, label_smoothing: float,
-                     targets: TargetsFn | None) -> None:
-        self.norm = ThreatModel(norm, 0.0).norm
-        self.eps = parse_eps(eps)
-        self.steps = check_positive("steps", steps, integer=True, allow_zero=True)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def _setup(self, preset: str | None, norm: str, eps: float | str | None, steps: int | None,
+               step_size: float | str | None, label_smoothing: float, targets: TargetsFn | None,
+               **knobs: Any) -> dict[str, Any]:
+        """The one preset ``__init__``: resolve ``preset`` against ``PRESETS`` (explicit values win),
+        validate and set ``preset``, ``norm``, ``eps``, ``steps``, ``step_size``, the label hook and
+        ``tm``; returns the resolved ``knobs`` (e.g. ``{"beta": 6.0}``) for the subclass to check."""
+        p = resolve_preset(self.PRESETS, preset, eps=eps, steps=steps, step_size=step_size, **knobs)
+        self.preset = preset or "custom"
+        self.norm = parse_norm(norm)
+        self.eps = parse_eps(p["eps"])
+        self.steps = check_positive("steps", p["steps"], integer=True, allow_zero=True)
+        step_size = p["step_size"]
         if isinstance(step_size, str):  # "2/255"-style, like eps
             step_size = parse_eps(step_size)
         self.step_size = check_positive("step_size", step_size)
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
                 or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+            raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if targets is not None and not callable(targets):
-            raise ValueError(f"targets must be a callable (x, y, num_classes) -> (B, K) or None, got {targets!r}")
+            raise InputError(f"targets must be a callable (x, y, num_classes) -> (B, K) or None, got {targets!r}")
         if targets is not None and label_smoothing:
-            raise ValueError("give either label_smoothing or targets, not both")
+            raise InputError("give either label_smoothing or targets, not both")
         self.label_smoothing = float(label_smoothing)
         self._targets = targets
         self.tm = ThreatModel(self.norm, self.eps)
+        return {k: p[k] for k in knobs}
 
     # -- the protocol -------------------------------------------------------------
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -121,6 +132,17 @@ class AdversarialObjective(Defense):
         return x_adv.detach()
 
 
+class BetaObjective(AdversarialObjective):
+    """The shared ``__init__`` of the objectives weighted by ``beta`` (TRADES, MART); their
+    class docstrings give the presets and the meaning of each argument."""
+
+    def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
+                 steps: int | None = None, step_size: float | str | None = None, beta: float | None = None,
+                 label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
+        knobs = self._setup(preset, norm, eps, steps, step_size, label_smoothing, targets, beta=beta)
+        self.beta = check_positive("beta", knobs["beta"], allow_zero=True)
+
+
 def kl_per_sample(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
     """``KL(p(clean) || p(adv))`` summed over classes: ``(B,)``. Gradient flows through both
     arguments, as in the TRADES code (``KLDivLoss(log_softmax(adv), softmax(clean))``)."""
@@ -133,7 +155,7 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
         return per_sample.mean()
     if reduction == "none":
         return per_sample
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")  # a caller's bug, not user input
 
 
 def accuracy_logs(loss: torch.Tensor, logits: torch.Tensor | None, logits_adv: torch.Tensor | None,

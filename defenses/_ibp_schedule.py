@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from robustkit.errors import InputError
+from robustkit.validate import number
+
 WARMUP_FRACTION = 2_000 / 60_000
 RAMP_FRACTION = 10_000 / 60_000
 
@@ -38,12 +41,10 @@ class IBPSchedule:
     beta_end: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.eps_train < 0:
-            raise ValueError(f"eps_train must be >= 0, got {self.eps_train}")
-        if not 0 <= self.kappa_final <= 1:
-            raise ValueError(f"kappa_final must be in [0, 1], got {self.kappa_final}")
+        number("eps_train", self.eps_train, 0.0)
+        number("kappa_final", self.kappa_final, 0.0, 1.0)
         if self.warmup_fraction < 0 or self.ramp_fraction < 0 or self.warmup_fraction + self.ramp_fraction > 1:
-            raise ValueError("warmup_fraction and ramp_fraction must be >= 0 and sum to at most 1, got "
+            raise InputError("warmup_fraction and ramp_fraction must be >= 0 and sum to at most 1, got "
                              f"{self.warmup_fraction} and {self.ramp_fraction}")
 
     def eps(self, progress: float) -> float:

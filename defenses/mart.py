@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses._adversarial import AdversarialObjective, TargetsFn, accuracy_logs, check_positive, reduce, resolve_preset
+from defenses._adversarial import BetaObjective, accuracy_logs, reduce
 from robustkit.registry import DEFENSES
 
 # CIFAR-10: the official mart_loss defaults (eps 0.031, 10 steps of 0.007, beta 6). MNIST is not
@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @DEFENSES.register("mart", help="MART (Wang et al. 2020): BCE(adv) + beta * KL * (1 - p_y(clean))")
-class MART(AdversarialObjective):
+class MART(BetaObjective):
     """``BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x))`` on PGD examples ``x'``.
 
     As in the official code: the inner maximization is PGD on the cross-entropy from
@@ -43,14 +43,7 @@ class MART(AdversarialObjective):
     """
 
     name = "mart"
-
-    def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
-                 steps: int | None = None, step_size: float | str | None = None, beta: float | None = None,
-                 label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
-        p = resolve_preset(PRESETS, preset, eps=eps, steps=steps, step_size=step_size, beta=beta)
-        self.preset = preset or "custom"
-        self.beta = check_positive("beta", p["beta"], allow_zero=True)
-        self._init_common(norm, p["eps"], p["steps"], p["step_size"], label_smoothing, targets)
+    PRESETS = PRESETS
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD-CE examples ``(B, C, H, W)`` from ``x + 0.001 * randn`` (eval mode, last iterate)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from defenses.base import Defense
 from robustkit.registry import DEFENSES
+from robustkit.validate import number
 
 
 @DEFENSES.register("noise", help="Gaussian-noise augmentation for randomized smoothing (Cohen et al. 2019)")
@@ -24,9 +25,7 @@ class GaussianNoise(Defense):
     name = "noise"
 
     def __init__(self, *, sigma: float = 0.25) -> None:
-        if not (isinstance(sigma, (int, float)) and sigma >= 0):
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        self.sigma = float(sigma)
+        self.sigma = number("sigma", sigma, 0.0)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x_noisy = x + self.sigma * torch.randn_like(x)   # (B, C, H, W), deliberately not clipped

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses._adversarial import AdversarialObjective, TargetsFn, accuracy_logs, reduce, resolve_preset
+from defenses._adversarial import AdversarialObjective, TargetsFn, accuracy_logs, reduce
 from robustkit.registry import DEFENSES
 
 # The released configs (MadryLab mnist_challenge / cifar10_challenge config.json).
@@ -38,14 +38,13 @@ class PGDAT(AdversarialObjective):
     """
 
     name = "pgd-at"
+    PRESETS = PRESETS
 
     def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
                  steps: int | None = None, step_size: float | str | None = None, random_start: bool = True,
                  label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
-        p = resolve_preset(PRESETS, preset, eps=eps, steps=steps, step_size=step_size)
-        self.preset = preset or "custom"
+        self._setup(preset, norm, eps, steps, step_size, label_smoothing, targets)
         self.random_start = bool(random_start)
-        self._init_common(norm, p["eps"], p["steps"], p["step_size"], label_smoothing, targets)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD examples ``(B, C, H, W)`` (eval mode, last iterate)."""

@@ -8,9 +8,13 @@ epochs and of the batch size. ``lr_lambda`` turns one into a per-step function f
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from robustkit.errors import InputError
+from robustkit.validate import number, positive
 
 Schedule = Callable[[float], float]
 SCHEDULES: dict[str, Callable[..., Schedule]] = {}
@@ -29,12 +33,12 @@ def _warm(t: float, warmup: float) -> float:
 
 
 @_register("constant")
-def constant(warmup: float = 0.0, **_: Any) -> Schedule:
+def constant(warmup: float = 0.0) -> Schedule:
     return lambda t: _warm(t, warmup)
 
 
 @_register("cosine")
-def cosine(warmup: float = 0.0, **_: Any) -> Schedule:
+def cosine(warmup: float = 0.0) -> Schedule:
     """Linear warm-up over the first ``warmup`` fraction, then half-cosine to 0 (Loshchilov & Hutter 2017)."""
     def f(t: float) -> float:
         if t < warmup:
@@ -46,7 +50,7 @@ def cosine(warmup: float = 0.0, **_: Any) -> Schedule:
 
 
 @_register("step")
-def step(warmup: float = 0.0, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1, **_: Any) -> Schedule:
+def step(warmup: float = 0.0, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1) -> Schedule:
     """Multiply by ``gamma`` at each milestone (fractions of training), e.g. TRADES' epochs 75/90 of 100."""
     ms = sorted(float(m) for m in milestones)
 
@@ -57,7 +61,7 @@ def step(warmup: float = 0.0, milestones: Sequence[float] = (0.5, 0.75), gamma: 
 
 
 @_register("linear")
-def linear(warmup: float = 0.0, **_: Any) -> Schedule:
+def linear(warmup: float = 0.0) -> Schedule:
     """Linear warm-up, then linear decay to 0."""
     def f(t: float) -> float:
         if t < warmup:
@@ -69,7 +73,7 @@ def linear(warmup: float = 0.0, **_: Any) -> Schedule:
 
 @_register("slow-start-fast-decay")
 def slow_start_fast_decay(peak_at: float = 0.5, start: float = 0.0, final: float = 0.0, decay_power: float = 2.0,
-                          warmup: float = 0.0, **_: Any) -> Schedule:
+                          warmup: float = 0.0) -> Schedule:
     """Slow start, fast decay (Jeddi, Shafiee, Wong 2020, "A Simple Fine-tuning Is All You Need:
     Towards Robust Deep Learning via Adversarial Fine-tuning", arXiv 2012.13628): the schedule of
     adversarial fine-tuning. The LR rises slowly from ~0 to its peak, then decays fast::
@@ -87,13 +91,10 @@ def slow_start_fast_decay(peak_at: float = 0.5, start: float = 0.0, final: float
     ``peak_at``.
     """
     peak = float(warmup) if warmup and warmup > 0 else float(peak_at)
-    if not 0.0 < peak < 1.0:
-        raise ValueError(f"peak_at must be in (0, 1), got {peak}")
-    for name, v in (("start", start), ("final", final)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1] (a fraction of the peak LR), got {v}")
-    if not float(decay_power) > 0:
-        raise ValueError(f"decay_power must be > 0, got {decay_power}")
+    number("peak_at", peak, 0.0, 1.0, strict_min=True, strict_max=True)
+    start = number("start (a fraction of the peak LR)", start, 0.0, 1.0)
+    final = number("final (a fraction of the peak LR)", final, 0.0, 1.0)
+    decay_power = positive("decay_power", decay_power)
 
     def f(t: float) -> float:
         if t < peak:
@@ -106,11 +107,22 @@ def slow_start_fast_decay(peak_at: float = 0.5, start: float = 0.0, final: float
 
 def make_schedule(name: str, **knobs: Any) -> Schedule:
     if name not in SCHEDULES:
-        raise ValueError(f"unknown LR schedule {name!r}; allowed: {', '.join(sorted(SCHEDULES))}")
-    try:
-        return SCHEDULES[name](**knobs)
+        raise InputError(f"unknown LR schedule {name!r}; allowed: {', '.join(sorted(SCHEDULES))}")
+    fn = SCHEDULES[name]
+    try:  # the knobs must fit the schedule's signature (checked before the call: no TypeError swallowed)
+        inspect.signature(fn).bind(**knobs)
     except TypeError as e:
-        raise ValueError(f"LR schedule {name!r}: {e}") from None
+        raise InputError(f"LR schedule {name!r}: {e}") from None
+    if "warmup" in knobs:
+        knobs["warmup"] = number("warmup (a fraction of training)", knobs["warmup"], 0.0, 1.0)
+    if "gamma" in knobs:
+        knobs["gamma"] = positive("gamma (the step schedule's factor)", knobs["gamma"])
+    if "milestones" in knobs:
+        if not isinstance(knobs["milestones"], (list, tuple)):
+            raise InputError(f"milestones must be a list of fractions of training, got {knobs['milestones']!r}")
+        knobs["milestones"] = [number("milestones[i] (a fraction of training)", m, 0.0, 1.0)
+                               for m in knobs["milestones"]]
+    return fn(**knobs)
 
 
 def lr_lambda(schedule: Schedule, total_steps: int) -> Callable[[int], float]:

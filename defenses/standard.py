@@ -8,6 +8,7 @@ from torch import nn
 
 from defenses.base import Defense
 from robustkit.registry import DEFENSES
+from robustkit.validate import number
 
 
 @DEFENSES.register("standard", help="cross-entropy on clean inputs (no defense)")
@@ -17,9 +18,7 @@ class Standard(Defense):
     name = "standard"
 
     def __init__(self, *, label_smoothing: float = 0.0) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = number("label_smoothing", label_smoothing, 0.0, 1.0, strict_max=True)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(x)  # (B, K)

@@ -12,15 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses._adversarial import (
-    AdversarialObjective,
-    TargetsFn,
-    accuracy_logs,
-    check_positive,
-    kl_per_sample,
-    reduce,
-    resolve_preset,
-)
+from defenses._adversarial import BetaObjective, accuracy_logs, kl_per_sample, reduce
 from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
 
@@ -35,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @DEFENSES.register("trades", help="TRADES (Zhang et al. 2019): CE(clean) + beta * KL(clean || adv)")
-class TRADES(AdversarialObjective):
+class TRADES(BetaObjective):
     """``CE(f(x), y) + beta * KL(p(x) || p(x'))`` with ``x'`` maximizing the KL in the ball.
 
     As in the official code: the inner maximization starts at ``x + 0.001 * randn`` and
@@ -61,14 +53,7 @@ class TRADES(AdversarialObjective):
     """
 
     name = "trades"
-
-    def __init__(self, *, preset: str | None = "cifar10", norm: str = "linf", eps: float | str | None = None,
-                 steps: int | None = None, step_size: float | str | None = None, beta: float | None = None,
-                 label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
-        p = resolve_preset(PRESETS, preset, eps=eps, steps=steps, step_size=step_size, beta=beta)
-        self.preset = preset or "custom"
-        self.beta = check_positive("beta", p["beta"], allow_zero=True)
-        self._init_common(norm, p["eps"], p["steps"], p["step_size"], label_smoothing, targets)
+    PRESETS = PRESETS
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The KL-maximizing ``x'`` ``(B, C, H, W)`` (eval mode); ``x`` itself when beta = 0."""

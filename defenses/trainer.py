@@ -25,26 +25,26 @@ from tqdm.auto import tqdm
 from defenses.base import Defense, StepContext
 from defenses.schedules import Schedule, lr_lambda
 from robustkit.data import TensorLoader
+from robustkit.errors import InputError
 from robustkit.runs import RunDir
-from robustkit.zoo import RobustModel
+from robustkit.validate import integer, number, one_of, positive
+from robustkit.zoo import RobustModel, unwrap
 
 Evaluator = Callable[[RobustModel], dict[str, float]]
 
 
 def make_optimizer(params, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                    nesterov: bool = False) -> torch.optim.Optimizer:
-    name = name.lower()
+    name = one_of("optimizer", name, ("sgd", "adam", "adamw"))
+    lr, weight_decay = number("lr", lr, 0.0), number("weight_decay", weight_decay, 0.0)
+    momentum = number("momentum", momentum, 0.0)
+    if nesterov and (name != "sgd" or momentum == 0):
+        raise InputError(f"nesterov needs optimizer sgd with momentum > 0, got {name} with momentum {momentum:g}")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw")
-
-
-def _unwrap(model: nn.Module) -> RobustModel:
-    return getattr(model, "module", model)  # type: ignore[return-value]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 class Trainer:
@@ -68,10 +68,10 @@ class Trainer:
                  channels_last: bool = False, grad_clip: float | None = None, evaluator: Evaluator | None = None,
                  run: RunDir | None = None, best_by: str = "robust_accuracy", checkpoint_every: int = 0,
                  progress: bool = True, is_main: bool = True) -> None:
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        if grad_clip is not None and grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
+        integer("epochs", epochs, minimum=1)
+        integer("checkpoint_every", checkpoint_every, minimum=0)
+        if grad_clip is not None:
+            positive("grad_clip", grad_clip)
         self.model, self.defense, self.loader, self.epochs = model, defense, loader, epochs
         self.optimizer, self.amp, self.grad_clip = optimizer, amp, grad_clip
         self.evaluator, self.run, self.best_by = evaluator, run, best_by
@@ -79,7 +79,7 @@ class Trainer:
         self.steps_per_epoch = max(len(loader), 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(schedule, epochs * self.steps_per_epoch))
-        self.device = next(_unwrap(model).parameters()).device
+        self.device = next(unwrap(model).parameters()).device
         self.amp_dtype = torch.bfloat16 if (amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()) \
             else torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda"
@@ -115,15 +115,15 @@ class Trainer:
 
     def _checkpoint(self, name: str = "last") -> None:
         if self.run is not None and self.is_main:
-            self.run.save_checkpoint(name, _unwrap(self.model), self.state() if name == "last" else None)
+            self.run.save_checkpoint(name, unwrap(self.model), self.state() if name == "last" else None)
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         """Train; returns the per-epoch metric records (also appended to ``metrics.jsonl``)."""
         if resume:
             if self.run is None:
-                raise ValueError("resume needs a run directory")
-            self.load_state(self.run.load_checkpoint("last", _unwrap(self.model)))
+                raise InputError("resume needs a run directory (Trainer(run=RunDir(...)))")
+            self.load_state(self.run.load_checkpoint("last", unwrap(self.model)))
             if self.is_main:
                 self.run.truncate_metrics(self.epoch)
             self.history = self.run.metrics()
@@ -193,7 +193,7 @@ class Trainer:
         if self.evaluator is None:
             return {}
         t0 = time.perf_counter()
-        out = dict(self.evaluator(_unwrap(self.model)))
+        out = dict(self.evaluator(unwrap(self.model)))
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 

@@ -33,13 +33,11 @@ from torch import nn
 
 from defenses._adversarial import check_positive
 from defenses.base import Defense, StepContext
+from robustkit.errors import InputError
 from robustkit.registry import DEFENSES
+from robustkit.zoo import unwrap
 
 _EPS = 1e-20  # as in both codes
-
-
-def _net(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP
 
 
 class _WeightPerturbation(Defense):
@@ -53,9 +51,9 @@ class _WeightPerturbation(Defense):
         if isinstance(inner, str):
             inner = DEFENSES.get(inner)(**inner_params)
         elif inner_params:
-            raise ValueError(f"unexpected keyword arguments {sorted(inner_params)} (inner objective already built)")
+            raise InputError(f"unexpected keyword arguments {sorted(inner_params)} (inner objective already built)")
         if not isinstance(inner, Defense) or isinstance(inner, _WeightPerturbation):
-            raise ValueError(f"{self.name} wraps one objective (a Defense, not another weight perturbation), "
+            raise InputError(f"{self.name} wraps one objective (a Defense, not another weight perturbation), "
                              f"got {type(inner).__name__}")
         self.inner = inner
         g0, w0 = self.DEFAULTS["trades" if getattr(inner, "name", "") == "trades" else "at"]
@@ -82,11 +80,12 @@ class _WeightPerturbation(Defense):
 
     # -- the proxy --------------------------------------------------------------------
     def _perturbed(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in _net(model).named_parameters() if p.dim() > 1 and "weight" in n and p.requires_grad]
+        return [(n, p) for n, p in unwrap(model).named_parameters()
+                if p.dim() > 1 and "weight" in n and p.requires_grad]
 
     def proxy(self, model: nn.Module, offset: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The proxy, loaded with the model's weights (+ ``offset``), in the model's mode."""
-        net = _net(model)
+        net = unwrap(model)
         if self._proxy is None or self._proxy_of != id(net):
             self._proxy, self._proxy_of = copy.deepcopy(net), id(net)
         self._proxy.load_state_dict(net.state_dict())
@@ -211,7 +210,7 @@ class RWP(_WeightPerturbation):
         self.c_min = check_positive("c_min", c_min)
         self.iterations = check_positive("iterations", iterations, integer=True)
         if not hasattr(self.inner, "objective"):
-            raise ValueError(f"rwp needs per-sample losses: the inner objective {self.inner.name!r} must implement "
+            raise InputError(f"rwp needs per-sample losses: the inner objective {self.inner.name!r} must implement "
                              "perturb() and objective() (pgd-at, trades, mart do)")
 
     def direction(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor

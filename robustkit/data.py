@@ -29,9 +29,11 @@ import torch
 
 from robustkit.errors import DatasetError
 from robustkit.registry import DATASETS
+from robustkit.validate import integer, one_of
 
 _EMBEDDED = Path(__file__).parent / "_data" / "mnist5k.npz"
 SPLITS = ("train", "test")
+AUGMENTS = ("none", "crop-flip")
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,8 @@ class TensorLoader:
     def __init__(self, data: Data, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
                  augment: str = "none", drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if augment not in ("none", "crop-flip"):
-            raise ValueError(f"augment must be 'none' or 'crop-flip', got {augment!r}")
+        batch_size = integer("batch_size", batch_size, minimum=1)
+        augment = one_of("augment", augment, AUGMENTS)
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
         self.augment, self.drop_last, self.rank, self.world_size = augment, drop_last, rank, world_size
         self.device = torch.device(device)
@@ -218,8 +218,7 @@ def _imagefolder(path: str, split: str) -> Data:
 
 def load_data(name: str, split: str = "test", data_root: str | None = None, download: bool = False) -> Data:
     """Load split ``train`` or ``test`` of a registered dataset (or ``imagefolder:PATH``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    split = one_of("split", split, SPLITS)
     if name.startswith("imagefolder:"):
         return _imagefolder(name.split(":", 1)[1], split)
     return DATASETS.get(name)(split, data_root=data_root, download=download)
@@ -248,8 +247,7 @@ def make_loader(name: str, split: str = "test", batch_size: int = 128, shuffle: 
     """
     data = load_data(name, split, data_root, download)
     if n is not None:
-        if n < 1 or n > len(data):
-            raise ValueError(f"n must be in [1, {len(data)}] for {name}/{split}, got {n}")
+        integer(f"n (images of {name}/{split})", n, minimum=1, maximum=len(data))
         data = Data(data.info, data.images[:n], data.labels[:n])
     is_train = split == "train"
     shuffle = is_train if shuffle is None else shuffle

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustkit.errors import InputError
 from robustkit.registry import MODELS
 
 Shape = tuple[int, int, int]
@@ -75,9 +76,12 @@ def lenet(num_classes: int = 10, input_shape: Shape = (1, 28, 28)) -> nn.Module:
     return nn.Sequential(*features, nn.Linear(d, 1024), nn.ReLU(), nn.Linear(1024, num_classes))
 
 
-# -- PreAct ResNet-18 ---------------------------------------------------------------
+# -- the pre-activation residual block (PreAct ResNet and WideResNet) ------------------
 class PreActBlock(nn.Module):
-    expansion = 1
+    """``BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3`` plus the shortcut (He et al. 2016, identity
+    mappings). The shortcut is the identity, or a 1x1 conv (``stride``) on the pre-activated
+    input when the shape changes. It is also the basic block of WideResNet (Zagoruyko &
+    Komodakis 2016, without dropout): the two papers' blocks are the same."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
@@ -88,7 +92,7 @@ class PreActBlock(nn.Module):
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
                          if stride != 1 or cin != cout else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, cin, H, W) -> (B, cout, H / stride, W / stride)
         out = F.relu(self.bn1(x))
         sc = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
@@ -96,6 +100,7 @@ class PreActBlock(nn.Module):
         return out + sc
 
 
+# -- PreAct ResNet-18 ---------------------------------------------------------------
 class PreActResNet(nn.Module):
     def __init__(self, blocks: list[int], num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -122,36 +127,19 @@ def preact_resnet18(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> 
 
 
 # -- WideResNet ---------------------------------------------------------------------
-class WideBasic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (cin != cout or stride != 1) else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.relu(self.bn1(x))
-        sc = self.shortcut(o) if self.shortcut is not None else x
-        out = self.conv1(o)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + sc
-
-
 class WideResNet(nn.Module):
     def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
                  in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
-            raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 16, 28, 34), got {depth}")
+            raise InputError(f"WideResNet depth must be 6n+4 (e.g. 16, 28, 34), got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]
         for g, stride in zip(range(3), (1, 2, 2)):
             for j in range(n):
-                blocks.append(WideBasic(cin, widths[g + 1], stride if j == 0 else 1))
+                blocks.append(PreActBlock(cin, widths[g + 1], stride if j == 0 else 1))
                 cin = widths[g + 1]
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)

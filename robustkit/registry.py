@@ -7,8 +7,9 @@
     ATTACKS.get(PGD)          # -> PGD (objects pass through)
     ATTACKS.names()           # -> ["pgd", ...]
 
-An unknown name raises ``RegistryError`` (a ``KeyError`` and a ``ValueError``)
-whose message lists every valid name.
+An unknown name raises ``RegistryError`` -- an ``InputError`` (so the CLI reports it as
+bad input, exit 2), also a ``KeyError`` and a ``ValueError`` -- whose message lists every
+valid name.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from robustkit.errors import InputError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError, ValueError):
+class RegistryError(InputError, KeyError):
     """Unknown or duplicate registry name. The message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

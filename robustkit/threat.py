@@ -48,10 +48,10 @@ def lp_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
 def parse_eps(value: float | int | str) -> float:
     """Parse an epsilon: a number or a string such as ``"8/255"``, ``"0.3"``.
 
-    Raises ``ValueError`` for anything else, for NaN/inf and for negative values.
+    Raises ``InputError`` (a ``ValueError``) for anything else, for NaN/inf and for negative values.
     """
     if isinstance(value, bool):
-        raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
+        raise InputError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
     if isinstance(value, (int, float)):
         eps = float(value)
     elif isinstance(value, str):
@@ -59,13 +59,13 @@ def parse_eps(value: float | int | str) -> float:
         try:
             eps = float(Fraction(text)) if "/" in text else float(text)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}") from None
+            raise InputError(f"eps must be a number or a fraction string like '8/255', got {value!r}") from None
     else:
-        raise ValueError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
+        raise InputError(f"eps must be a number or a fraction string like '8/255', got {value!r}")
     if eps != eps or eps in (float("inf"), float("-inf")):
-        raise ValueError(f"eps must be finite, got {value!r}")
+        raise InputError(f"eps must be finite, got {value!r}")
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {value!r}")
+        raise InputError(f"eps must be >= 0, got {value!r}")
     return eps
 
 
@@ -89,7 +89,7 @@ class ThreatModel:
         object.__setattr__(self, "norm", parse_norm(self.norm))
         if isinstance(self.eps, torch.Tensor):
             if self.eps.dim() > 1 or bool((self.eps < 0).any()) or not bool(torch.isfinite(self.eps).all()):
-                raise ValueError("tensor eps must be a finite, non-negative (B,) tensor")
+                raise InputError("tensor eps must be a finite, non-negative (B,) tensor")
         else:
             object.__setattr__(self, "eps", parse_eps(self.eps))
 

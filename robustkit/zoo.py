@@ -18,8 +18,9 @@ dicts from elsewhere load with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ import torch
 from torch import nn
 
 import robustkit.nets  # noqa: F401  (registers the built-in nets)
-from robustkit.errors import CheckpointError, IncompatibleError
+from robustkit.errors import CheckpointError, IncompatibleError, InputError
 from robustkit.io import atomic_write, atomic_write_json
 from robustkit.registry import MODELS, RegistryError
+from robustkit.validate import integer
 
 FORMAT = "robustkit-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,9 +45,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"mean and std need the same length, got {len(mean)} and {len(std)}")
+            raise InputError(f"mean and std need the same length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be > 0 per channel, got {list(std)}")
+            raise InputError(f"std must be > 0 per channel, got {list(std)}")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -61,7 +63,7 @@ class RobustModel(nn.Module):
                  ) -> None:
         super().__init__()
         if len(mean) != input_shape[0]:
-            raise ValueError(f"mean has {len(mean)} entries but the input has {input_shape[0]} channels")
+            raise InputError(f"mean has {len(mean)} entries but the input has {input_shape[0]} channels")
         self.normalize = Normalize(mean, std)
         self.net = net
         self.arch = arch
@@ -99,16 +101,17 @@ def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32
             already be in the local cache -- nothing is downloaded on machines without
             internet).
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    integer("num_classes", num_classes, minimum=2)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+        raise InputError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
     c = input_shape[0]
     if arch in MODELS:
         if pretrained:
-            raise ValueError(f"built-in model {arch!r} has no pretrained weights; train it or pass a checkpoint")
-        net = MODELS.get(arch)(num_classes=num_classes, input_shape=input_shape, **arch_kwargs)
+            raise InputError(f"built-in model {arch!r} has no pretrained weights; train it or pass a checkpoint")
+        builder = MODELS.get(arch)
+        _check_kwargs(builder, arch, arch_kwargs)
+        net = builder(num_classes=num_classes, input_shape=input_shape, **arch_kwargs)
         dmean, dstd = (0.0,) * c, (1.0,) * c
     elif arch.startswith("tv:"):
         net, dmean, dstd = _torchvision(arch[3:], num_classes, pretrained, arch_kwargs)
@@ -119,6 +122,27 @@ def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32
     if std is None:
         std = tuple(dstd) if len(dstd) == c else (sum(dstd) / len(dstd),) * c
     return RobustModel(net, arch, num_classes, input_shape, mean, std, arch_kwargs)
+
+
+def _check_kwargs(builder: Callable[..., Any], arch: str, kw: dict[str, Any]) -> None:
+    """``InputError`` naming the accepted keywords when ``kw`` does not fit ``builder``'s signature."""
+    sig = inspect.signature(builder)
+    try:
+        sig.bind(num_classes=2, input_shape=(1, 1, 1), **kw)
+    except TypeError as e:
+        valid = [n for n in sig.parameters if n not in ("num_classes", "input_shape")]
+        raise InputError(f"model.kwargs for {arch!r}: {e}; accepted: {', '.join(valid) or 'none'}") from None
+
+
+def _external(build: Callable[[], nn.Module], arch: str, kw: dict[str, Any]) -> nn.Module:
+    """Build a timm / torchvision net; a ``TypeError`` caused by the user's ``model.kwargs`` is bad
+    input (without kwargs it is not ours to explain, and propagates)."""
+    try:
+        return build()
+    except TypeError as e:
+        if not kw:
+            raise
+        raise InputError(f"model.kwargs {sorted(kw)} not accepted by {arch!r}: {e}") from None
 
 
 def _unknown(arch: str) -> RegistryError:
@@ -133,11 +157,12 @@ def _torchvision(name: str, num_classes: int, pretrained: bool, kw: dict[str, An
     if name not in torchvision.models.list_models():
         raise _unknown("tv:" + name)
     if pretrained:
-        net = torchvision.models.get_model(name, weights="DEFAULT", **kw)
+        net = _external(lambda: torchvision.models.get_model(name, weights="DEFAULT", **kw), "tv:" + name, kw)
         if num_classes != _out_features(net):
             _reset_head(net, num_classes)
     else:
-        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        net = _external(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw),
+                        "tv:" + name, kw)
     return net, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -147,7 +172,8 @@ def _timm(name: str, num_classes: int, in_chans: int, pretrained: bool, kw: dict
 
     if not timm.is_model(name):
         raise _unknown(name)
-    net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kw)
+    net = _external(lambda: timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                              in_chans=in_chans, **kw), name, kw)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     return net, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
@@ -166,7 +192,8 @@ def _reset_head(net: nn.Module, num_classes: int) -> None:
         if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
             head[-1] = nn.Linear(head[-1].in_features, num_classes)
             return
-    raise ValueError("cannot find the classification head to resize; pass num_classes=1000")
+    raise InputError(f"cannot find the classification head of {type(net).__name__} to resize it to "
+                     f"{num_classes} classes; use its own class count (num_classes={_out_features(net)})")
 
 
 # -- save / load ----------------------------------------------------------------------
