@@ -1,21 +1,50 @@
-"""Accuracy over a loader: clean (here) and robust (attacks). Batched, device-aware, progress bars."""
+"""Accuracy over a loader: clean accuracy, and the one evaluation engine for attacks.
+
+``evaluate_attacks`` runs a list of attacks in one of two modes:
+
+- ``chained`` (AutoAttack-style, Croce & Hein 2020): each attack runs only on the points still
+  standing, so a point is robust only if every attack failed on it; the cost tracks the
+  points left. ``robustkit attack`` uses it.
+- ``independent``: every attack runs on every clean-correct point, so per-attack accuracies
+  are comparable (RobustBench-style tables); robust = no attack broke it. ``robustkit
+  benchmark`` uses it.
+
+In both modes every claimed success is **verified** before it counts: the model's label on
+``x_adv`` really differs from ``y`` (targeted attacks: equals the target), and ``x_adv`` lies
+inside the threat model's ball and ``[0, 1]`` (``ThreatModel.contains``). Claims that fail are
+counted as ``unverified`` and the point stays standing. The engine imports no attack: an
+attack is any callable ``attack(model, x, y) -> AttackResult``-like (``x_adv``, ``success``,
+``queries``, ``info``).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustkit._evaluation import MODES, AttackStats, Columns, Evaluation
+from robustkit._verify import ball_of, inside, targets
+from robustkit.errors import InputError
 from robustkit.modes import eval_mode
+from robustkit.threat import ThreatModel
+from robustkit.validate import integer, one_of
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _autocast(dev: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(dev.type, enabled=amp and dev.type != "cpu")
 
 
 @torch.inference_mode()
@@ -25,42 +54,40 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, amp: bool 
     out = []
     with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev)
-            with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-                out.append(model(xb).argmax(1).cpu())
+            with _autocast(dev, amp):
+                out.append(model(x[i:i + batch_size].to(dev)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 @torch.inference_mode()
-def clean_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = False,
-                   progress: bool = False, desc: str = "clean") -> dict[str, Any]:
+def clean_accuracy(model: nn.Module, loader: Batches, amp: bool = False, progress: bool = False,
+                   desc: str = "clean") -> dict[str, Any]:
     """``{"clean_accuracy", "n", "correct" (N,) bool, "seconds"}`` over ``loader``."""
     dev = _device_of(model)
     t0 = time.perf_counter()
     correct = []
     with eval_mode(model):
         for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            x, y = x.to(dev), y.to(dev)
-            with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-                correct.append((model(x).argmax(1) == y).cpu())
+            with _autocast(dev, amp):
+                correct.append((model(x.to(dev)).argmax(1) == y.to(dev)).cpu())
     c = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     return {"clean_accuracy": float(c.float().mean()) if c.numel() else 0.0, "n": int(c.numel()),
             "correct": c, "seconds": time.perf_counter() - t0}
 
 
-# -- robust accuracy (attacks, chained AutoAttack-style) ----------------------------------
+# -- the engine -------------------------------------------------------------------------------
 def _attack_list(attack_or_attacks: Any) -> list[Any]:
     attacks = list(attack_or_attacks) if isinstance(attack_or_attacks, (list, tuple)) else [attack_or_attacks]
     if not attacks:
-        raise ValueError("need at least one attack")
+        raise InputError("need at least one attack")
     for a in attacks:
         if not callable(a):
-            raise ValueError(f"not an attack: {a!r} (build one with ATTACKS.get(name)(**kwargs))")
+            raise InputError(f"not an attack: {a!r} (build one with robustkit.app.build.build_attack)")
     return attacks
 
 
 def _labels(attacks: list[Any]) -> list[str]:
-    """Display names, made unique when the chain repeats an attack (``pgd``, ``pgd#2``)."""
+    """Display names, made unique when the list repeats an attack (``pgd``, ``pgd#2``)."""
     out: list[str] = []
     for a in attacks:
         name = str(getattr(a, "name", type(a).__name__))
@@ -68,150 +95,189 @@ def _labels(attacks: list[Any]) -> list[str]:
     return out
 
 
-def _targets(y: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """A uniformly random wrong class per sample: ``(B,)``."""
-    shift = torch.randint(1, k, y.shape, generator=gen).to(y.device)
-    return (y + shift) % k
+def _scalars(info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able per-call facts of an attack's ``info`` (package, version, stage names)."""
+    ok = (str, int, float, bool, type(None))
+    return {k: v for k, v in info.items() if k != "broken_by" and (isinstance(v, ok) or (
+        isinstance(v, list) and all(isinstance(e, ok) for e in v)))}
 
 
-class _Totals:
-    """Accumulates per-sample tensors over batches and per-attack counters over the chain."""
-
-    def __init__(self, labels: list[str], keep: bool) -> None:
-        self.labels, self.keep = labels, keep
-        self.cols: dict[str, list[torch.Tensor]] = {}
-        self.per_attack = [{"attack": name, "attacked": 0, "broken": 0, "seconds": 0.0, "forward_passes": 0,
-                            "backward_passes": 0} for name in labels]
-
-    def add(self, **cols: torch.Tensor) -> None:
-        for k, v in cols.items():
-            self.cols.setdefault(k, []).append(v.detach().cpu())
-
-    def cat(self, key: str) -> torch.Tensor:
-        return torch.cat(self.cols[key]) if self.cols.get(key) else torch.zeros(0)
+@dataclass(frozen=True)
+class _Options:
+    mode: str
+    threat: ThreatModel | None
+    batch_size: int | None
+    amp: bool
+    seed: int
 
 
-def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Any], tot: _Totals,
-                  gen: torch.Generator, amp: bool) -> int:
-    """Clean-predict ``x (B, C, H, W)``, chain the attacks over the clean-correct points still
-    robust, fold everything into ``tot``. Returns the clean forward passes spent."""
-    dev = x.device
-    with torch.no_grad(), eval_mode(model), torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-        logits = model(x)
-    pred = logits.argmax(1)
-    correct = pred == y                                                       # (B,)
-    b = x.shape[0]
-    broken_by = torch.full((b,), -1, dtype=torch.long, device=dev)
-    l2, linf = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
-    q_total, q_break = torch.zeros(b, dtype=torch.long, device=dev), torch.full((b,), -1, device=dev,
-                                                                                dtype=torch.long)
-    x_adv = x.clone() if tot.keep else None
-    act = correct.nonzero().squeeze(1)
-    for i, atk in enumerate(attacks):
-        if act.numel() == 0:
-            break
-        ya = _targets(y[act], logits.shape[1], gen) if getattr(atk, "targeted", False) else y[act]
-        t0 = time.perf_counter()
-        res = atk(model, x[act], ya)
-        s = res.success.to(dev)
-        hit = act[s]
-        broken_by[hit] = i
-        delta = (res.x_adv[s] - x[hit]).flatten(1)
-        l2[hit], linf[hit] = delta.norm(dim=1), delta.abs().amax(1)
-        q = res.queries.to(dev)
-        q_total[act] += q
-        q_break[hit] = q[s]
-        if x_adv is not None:
-            x_adv[act] = res.x_adv.to(x_adv.dtype)
-        st = tot.per_attack[i]
-        st["attacked"] += int(act.numel())
-        st["broken"] += int(hit.numel())
-        st["seconds"] += time.perf_counter() - t0
-        st["forward_passes"] += int(res.info.get("forward_passes", int(q.sum())))
-        st["backward_passes"] += int(res.info.get("backward_passes", 0))
-        act = act[~s]
-    tot.add(correct=correct, broken_by=broken_by, l2=l2, linf=linf, queries=q_total, queries_to_success=q_break,
-            y=y, pred=pred)
-    if x_adv is not None:
-        tot.add(x=x, x_adv=x_adv)
-    return b
+class _Batch:
+    """One batch of ``B`` points on the device and what the attacks did to it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, start: int, n_attacks: int, keep: bool) -> None:
+        b, dev = x.shape[0], x.device
+        self.x, self.y, self.start, self.index = x, y, start, torch.arange(start, start + b, device=dev)
+        self.attacked = torch.zeros(n_attacks, b, dtype=torch.bool, device=dev)
+        self.broken = torch.zeros_like(self.attacked)
+        self.unverified = torch.zeros_like(self.attacked)
+        self.broken_by = torch.full((b,), -1, dtype=torch.long, device=dev)
+        self.l2, self.linf = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
+        self.queries = torch.zeros(b, dtype=torch.long, device=dev)
+        self.q_success = torch.full((b,), -1, dtype=torch.long, device=dev)
+        self.x_adv = x.clone() if keep else None
+        self.num_classes = 0
 
 
-def attack_loader(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], attack_or_attacks: Any,
-                  progress: bool = False, amp: bool = False, keep_adversarials: bool = False,
-                  seed: int = 0) -> dict[str, Any]:
-    """Run an attack (or a chain of attacks) over ``loader``; see ``robust_accuracy`` for the keys.
+def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], attacks: Any, *,
+                     mode: str = "chained", threat: ThreatModel | None = None, batch_size: int | None = None,
+                     amp: bool = False, seed: int = 0, keep_adversarials: bool = False, progress: bool = False,
+                     desc: str = "attack") -> Evaluation:
+    """Run ``attacks`` (one or a list) over ``data`` in ``mode``, verifying every claimed success.
 
-    With ``keep_adversarials`` the dict also holds ``x``, ``x_adv`` ``(N, C, H, W)`` (CPU): per
-    sample the adversarial that broke it, else the last attack's output (the clean image for
-    points misclassified already). Targeted attacks get a uniformly random wrong class per
-    sample (seeded by ``seed``) as target; "broken" then means "target reached".
+    Args:
+        data: a loader of ``(x (B, C, H, W), y (B,))`` batches, or one ``(x, y)`` pair of tensors.
+        mode: ``chained`` or ``independent`` (see the module docstring).
+        threat: the ball claims are checked against; default: each attack's own ``norm`` / ``eps``
+            (an attack without ``eps``, e.g. minimum-norm DeepFool, is checked against ``[0, 1]``).
+        batch_size: points per attack call; ``None``: all active points of a loader batch in one
+            call. Attacks that batch themselves (a ``batch_size`` attribute, e.g. AutoAttack) always
+            get every active point of the batch at once.
+        amp: autocast (CUDA) for the clean pass and the check; attacks carry their own ``amp``.
+        seed: targeted attacks get a wrong class per image, a hash of ``(seed, image index,
+            attack position)`` (``targets``); "broken" then means "target reached".
+        keep_adversarials: also return ``x`` and ``x_adv`` (CPU).
     """
-    attacks = _attack_list(attack_or_attacks)
+    attacks = _attack_list(attacks)
     labels = _labels(attacks)
+    opt = _Options(one_of("mode", mode, MODES), threat, None if batch_size is None else
+                   integer("batch_size", batch_size, 1), amp, seed)
+    batches: Batches = [data] if isinstance(data, tuple) and isinstance(data[0], torch.Tensor) else data
     dev = _device_of(model)
-    tot = _Totals(labels, keep_adversarials)
-    gen = torch.Generator().manual_seed(seed)
-    clean_fwd = 0
+    stats = [AttackStats(name, params=a.params() if hasattr(a, "params") else {}) for name, a in zip(labels, attacks)]
+    subs: list[list[str | None]] = [[] for _ in attacks]
+    cols, counts = Columns(), {"clean": 0, "verify": 0}
     t0 = time.perf_counter()
-    for x, y in tqdm(loader, desc="attack", disable=not progress, leave=False):
-        clean_fwd += _attack_batch(model, x.to(dev), y.to(dev), attacks, tot, gen, amp)
-    seconds = time.perf_counter() - t0
-    correct, broken_by = tot.cat("correct").bool(), tot.cat("broken_by").long()
-    success = broken_by >= 0                                                   # (N,) clean-correct & broken
-    robust = correct & ~success
-    n = int(correct.numel())
-    l2, linf = tot.cat("l2"), tot.cat("linf")
-    out: dict[str, Any] = {
-        "attacks": labels, "n": n,
-        "clean_accuracy": float(correct.float().mean()) if n else 0.0,
-        "robust_accuracy": float(robust.float().mean()) if n else 0.0,
-        "attack_success_rate": float(success.sum() / correct.sum()) if int(correct.sum()) else 0.0,
-        "mean_l2": float(l2[success].mean()) if bool(success.any()) else None,
-        "median_l2": float(l2[success].median()) if bool(success.any()) else None,
-        "mean_linf": float(linf[success].mean()) if bool(success.any()) else None,
-        "seconds": seconds,
-        "forward_passes": clean_fwd + sum(p["forward_passes"] for p in tot.per_attack),
-        "backward_passes": sum(p["backward_passes"] for p in tot.per_attack),
-        "per_attack": tot.per_attack,
-        # per-sample (N,) tensors
-        "clean_correct": correct, "success": success, "robust": robust,
-        "broken_by": [labels[i] if i >= 0 else None for i in broken_by.tolist()],
-        "l2": l2, "linf": linf, "queries": tot.cat("queries").long(),
-        "queries_to_success": tot.cat("queries_to_success").long(),
-        "y": tot.cat("y").long(), "pred_clean": tot.cat("pred").long(),
-    }
-    if keep_adversarials:
-        out["x"], out["x_adv"] = tot.cat("x"), tot.cat("x_adv")
-    return out
+    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False)
+    for x, y in batches:
+        bt = _Batch(x.to(dev), y.to(dev, torch.long), counts["clean"], len(attacks), keep_adversarials)
+        counts["clean"] += x.shape[0]
+        pred, bt.num_classes = _predict_on(model, bt.x, opt.batch_size, amp)  # (B,), K
+        correct = pred == bt.y
+        for s in subs:
+            s.extend([None] * x.shape[0])
+        for i, atk in enumerate(attacks):
+            pool = correct & (bt.broken_by < 0) if opt.mode == "chained" else correct
+            act = pool.nonzero().squeeze(1)                                   # (M,) points to attack
+            step = max(act.numel() if opt.batch_size is None or hasattr(atk, "batch_size") else opt.batch_size, 1)
+            bar.set_postfix_str(labels[i], refresh=False)
+            for start in range(0, act.numel(), step):
+                j = act[start:start + step]
+                counts["verify"] += _attack_chunk(model, atk, i, bt, j, stats[i], subs[i], opt)
+                bar.update(int(j.numel()))
+        cols.add(correct=correct, pred=pred, y=bt.y, attacked=bt.attacked, broken=bt.broken,
+                 unverified=bt.unverified, broken_by=bt.broken_by, l2=bt.l2, linf=bt.linf, queries=bt.queries,
+                 q_success=bt.q_success)
+        if bt.x_adv is not None:
+            cols.add(x=bt.x, x_adv=bt.x_adv)
+    bar.close()
+    a = len(attacks)
+    return Evaluation(
+        mode=mode, attacks=labels, clean_correct=cols.cat("correct", dtype=torch.bool),
+        attacked=cols.cat("attacked", 1, (a, 0), torch.bool), broken=cols.cat("broken", 1, (a, 0), torch.bool),
+        unverified=cols.cat("unverified", 1, (a, 0), torch.bool), broken_by=cols.cat("broken_by", dtype=torch.long),
+        l2=cols.cat("l2"), linf=cols.cat("linf"), queries=cols.cat("queries", dtype=torch.long),
+        queries_to_success=cols.cat("q_success", dtype=torch.long), y=cols.cat("y", dtype=torch.long),
+        pred_clean=cols.cat("pred", dtype=torch.long), sub_attacks=subs, stats=stats,
+        seconds=time.perf_counter() - t0, clean_forward=counts["clean"], verify_forward=counts["verify"],
+        x=cols.cat("x") if keep_adversarials else None, x_adv=cols.cat("x_adv") if keep_adversarials else None)
 
 
-def robust_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], attack_or_attacks: Any,
-                    progress: bool = False, amp: bool = False) -> dict[str, Any]:
+@torch.no_grad()
+def _predict_on(model: nn.Module, x: torch.Tensor, batch_size: int | None, amp: bool) -> tuple[torch.Tensor, int]:
+    """Labels ``(B,)`` of ``x (B, C, H, W)`` on its device (eval mode, chunks of ``batch_size``) and
+    the number of classes (logit columns)."""
+    step = max(batch_size or x.shape[0], 1)
+    out, k = [], 0
+    with eval_mode(model), _autocast(x.device, amp):
+        for i in range(0, x.shape[0], step):
+            logits = model(x[i:i + step])                                      # (b, K)
+            out.append(logits.argmax(1))
+            k = int(logits.shape[1])
+    return (torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)), k
+
+
+def _attack_chunk(model: nn.Module, atk: Any, i: int, bt: _Batch, j: torch.Tensor, st: AttackStats,
+                  subs: list[str | None], opt: _Options) -> int:
+    """Attack points ``j (M,)`` of the batch, verify the claims, fold the result into ``bt`` and ``st``.
+    Returns the forward passes the check spent."""
+    targeted = bool(getattr(atk, "targeted", False))
+    goal = targets(bt.y[j], bt.index[j], bt.num_classes, opt.seed, i) if targeted else bt.y[j]   # (M,)
+    t0 = time.perf_counter()
+    res = atk(model, bt.x[j], goal)
+    claimed = res.success.to(bt.x.device).bool()                                       # (M,)
+    x_adv = res.x_adv.detach().to(bt.x.device, bt.x.dtype)                             # (M, C, H, W)
+    ok = torch.zeros_like(claimed)
+    c = claimed.nonzero().squeeze(1)
+    if c.numel():
+        pred = _predict_on(model, x_adv[c], opt.batch_size, opt.amp)[0]
+        hit = pred == goal[c] if targeted else pred != goal[c]
+        ok[c] = hit & inside(*ball_of(atk, opt.threat), x_adv[c], bt.x[j[c]])
+    q = res.queries.to(bt.x.device).long()                                             # (M,)
+    fresh = bt.broken_by[j] < 0                                  # not broken by an earlier attack
+    first = ok & fresh
+    hit_idx = j[first]
+    bt.attacked[i, j], bt.broken[i, j], bt.unverified[i, j] = True, ok, claimed & ~ok
+    bt.queries[j] += q
+    bt.broken_by[hit_idx] = i
+    delta = (x_adv[first] - bt.x[hit_idx]).flatten(1)
+    bt.l2[hit_idx], bt.linf[hit_idx] = delta.norm(dim=1), delta.abs().amax(1)
+    bt.q_success[hit_idx] = q[first]
+    if bt.x_adv is not None:
+        bt.x_adv[j[fresh]] = x_adv[fresh]
+    sub = res.info.get("broken_by")
+    if isinstance(sub, list):                                    # an ensemble names its sub-attack per point
+        for m in ok.nonzero().squeeze(1).tolist():
+            subs[bt.start + int(j[m])] = sub[m]
+    st.attacked += int(j.numel())
+    st.broken += int(ok.sum())
+    st.unverified += int((claimed & ~ok).sum())
+    st.seconds += time.perf_counter() - t0
+    st.forward_passes += int(res.info.get("forward_passes", int(q.sum())))
+    st.backward_passes += int(res.info.get("backward_passes", 0))
+    st.meta.update(_scalars(res.info))
+    return int(c.numel())
+
+
+# -- the long-standing fronts (chained) ---------------------------------------------------------
+def robust_accuracy(model: nn.Module, loader: Batches, attack_or_attacks: Any, progress: bool = False,
+                    amp: bool = False, seed: int = 0) -> dict[str, Any]:
     """Robust accuracy of ``model`` over ``loader`` under one attack or a chain of attacks.
 
     Only clean-correct samples are attacked. A list is chained like AutoAttack (Croce & Hein
     2020): each later attack runs only on the points still robust, so a point counts as robust
-    only if every attack failed on it (worst case per point). ``amp`` applies to the clean
-    forward pass; attacks carry their own ``amp`` option.
+    only if every attack failed on it (worst case per point). Every claimed success is verified
+    (see ``evaluate_attacks``). ``amp`` applies to the clean pass and the check.
 
     Returns a dict with
         ``clean_accuracy``, ``robust_accuracy``, ``attack_success_rate`` (broken / clean-correct),
-        ``n``, ``attacks`` (names), ``seconds``, ``forward_passes`` / ``backward_passes``
-        (sample-weighted totals incl. the clean pass), ``per_attack`` (attacked, broken, seconds,
-        passes per attack), ``mean_l2`` / ``median_l2`` / ``mean_linf`` of ``x_adv - x`` over the
-        broken points (None when none broke), and per-sample ``(N,)`` CPU tensors / lists:
+        ``n``, ``mode``, ``attacks`` (names), ``seconds``, ``unverified`` (claims that failed the
+        check), ``forward_passes`` / ``backward_passes`` (sample-weighted totals incl. the clean
+        pass and the check), ``per_attack`` (attacked, broken, unverified, seconds, passes,
+        robust_accuracy after it), ``mean_l2`` / ``median_l2`` / ``mean_linf`` of ``x_adv - x``
+        over the broken points (None when none broke), and per-sample ``(N,)`` CPU tensors / lists:
         ``clean_correct``, ``success`` (broken), ``robust``, ``broken_by`` (attack name or None),
         ``l2``, ``linf`` (0 where not broken), ``queries`` (model queries spent by the chain),
         ``queries_to_success`` (queries of the breaking attack, -1 if unbroken), ``y``, ``pred_clean``.
     """
-    return attack_loader(model, loader, attack_or_attacks, progress=progress, amp=amp)
+    return evaluate_attacks(model, loader, attack_or_attacks, amp=amp, seed=seed, progress=progress).summary()
 
 
-def adversarial_examples(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                         attack_or_attacks: Any, progress: bool = False, amp: bool = False) -> dict[str, Any]:
+def adversarial_examples(model: nn.Module, loader: Batches, attack_or_attacks: Any, progress: bool = False,
+                         amp: bool = False, seed: int = 0) -> dict[str, Any]:
     """``robust_accuracy`` plus the images: ``x`` and ``x_adv`` ``(N, C, H, W)`` on CPU (for
     ``--save-adversarials``) and ``pred_adv (N,)``, the model's labels on ``x_adv``."""
-    out = attack_loader(model, loader, attack_or_attacks, progress=progress, amp=amp, keep_adversarials=True)
+    out = evaluate_attacks(model, loader, attack_or_attacks, amp=amp, seed=seed, progress=progress,
+                           keep_adversarials=True).summary()
     out["pred_adv"] = predict(model, out["x_adv"], amp=amp)
     return out
+
