@@ -1,5 +1,5 @@
-"""Private helpers shared by the white-box attacks: autocast, input formatting, seeded
-generators and the active-set bookkeeping of per-sample early exit (index compaction)."""
+"""Small device-side helpers of the shared attack loop (``attacks._loop``) and DeepFool:
+autocast, input memory format, the one seeded generator, how often to compact, broadcasting."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import contextlib
 
 import torch
 
+DEFAULT_SEED = 0   # every seeded attack's default: runs are reproducible unless asked otherwise
+
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` in bf16 (fp16 where the GPU has no bf16) on CUDA; a no-op elsewhere.
+    """``torch.autocast`` for the model's forward: bf16 (fp16 on CUDA GPUs without bf16) on
+    ``device``'s type; a no-op when disabled or where the device type has no autocast.
 
     Input gradients are only used through their direction (sign / L2-normalized), and the
     losses in ``attacks._losses`` cast logits to float32, so no loss scaling is needed.
     """
-    if not enabled or device.type != "cuda":
+    if not enabled or not torch.amp.is_autocast_available(device.type):
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def fmt_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -34,14 +39,9 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator | 
 
 def compact_every(device: torch.device) -> int:
     """How often (in steps) the active batch is compacted. Compaction needs one host sync
-    (``nonzero``); on CPU that is free, on GPU we let finished samples ride along for a few
-    steps instead of stalling the stream every step."""
+    (``nonzero``); on CPU that is free, on an accelerator we let finished samples ride along
+    for a few steps instead of stalling the stream every step."""
     return 1 if device.type == "cpu" else 4
-
-
-def rows(mask_or_idx: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Index every tensor's first dimension with the same index tensor."""
-    return [t[mask_or_idx] for t in tensors]
 
 
 def expand_as_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.apgd import APGDState, apgd_run, apgd_targeted_run, finish
+from attacks._compact import DEFAULT_SEED, compact_every, make_generator
+from attacks._loop import LoopOptions, Record, clean_logits
+from attacks._losses import check_classes
+from attacks.apgd import apgd_stage, apgd_targeted, finish
 from attacks.base import Attack, AttackResult
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
+from robustkit.validate import integer, number, one_of
 
 EXTRAS = ("apgd-dlr", "apgd-ce")
 
@@ -33,7 +37,8 @@ class FastEnsemble(Attack):
 
     Args (keyword-only): ``norm``, ``eps``; ``n_iter`` (100, per stage and target);
     ``n_targets`` (3); ``extra`` (None, ``"apgd-dlr"`` or ``"apgd-ce"``); ``rho`` (0.75);
-    ``seed`` (0). Untargeted only.
+    ``amp``, ``channels_last`` (False, as in APGD); ``seed`` (0). Untargeted only. APGD-T's
+    targeted DLR needs >= 4 classes (``InputError`` otherwise, before any attack work).
 
     Returns ``AttackResult``: ``x_adv (B, C, H, W)`` inside the ball and ``[0, 1]``,
     ``success (B,)``, ``queries (B,)``; ``info["broken_by"]`` names, per sample, the stage that
@@ -44,42 +49,41 @@ class FastEnsemble(Attack):
     name = "fast"
 
     def __init__(self, *, norm: str = "linf", eps: float | str = 8 / 255, n_iter: int = 100, n_targets: int = 3,
-                 extra: str | None = None, rho: float = 0.75, seed: int | None = 0) -> None:
+                 extra: str | None = None, rho: float = 0.75, amp: bool = False, channels_last: bool = False,
+                 seed: int | None = DEFAULT_SEED) -> None:
         self._tm = ThreatModel(norm, eps)
-        if extra is not None and extra not in EXTRAS:
-            raise ValueError(f"unknown extra stage {extra!r}; allowed: None, {', '.join(EXTRAS)}")
-        for key, v in (("n_iter", n_iter), ("n_targets", n_targets)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        if not 0 < rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        self.extra = None if extra is None else one_of("extra", extra, EXTRAS)
+        self.n_iter, self.n_targets = integer("n_iter", n_iter, 1), integer("n_targets", n_targets, 1)
+        self.rho = number("rho", rho, 0.0, 1.0, strict_min=True)
         self.norm, self.eps = self._tm.norm, float(self._tm.eps)
-        self.n_iter, self.n_targets, self.extra, self.rho, self.seed = n_iter, n_targets, extra, rho, seed
+        self.amp, self.channels_last = bool(amp), bool(channels_last)
+        self.seed = None if seed is None else integer("seed", seed)
 
     def stages(self) -> list[str]:
         return ["apgd-ce", "apgd-t"] + ([self.extra] if self.extra else [])
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         tm = self._tm
-        gen = None if self.seed is None else torch.Generator(device=x.device).manual_seed(int(self.seed))
-        with torch.no_grad():
-            logits0 = model(x)                                         # (B, K)
-        state = APGDState.start(x, logits0.argmax(1) != y)
-        broken_by: list[str | None] = ["clean" if s else None for s in state.success.tolist()]
-        b = x.shape[0]
-        robust_after = {"clean": float((~state.success).sum()) / b}
-        kw = dict(n_iter=self.n_iter, rho=self.rho, generator=gen)
+        opts = LoopOptions(compact_every(x.device), self.amp, self.channels_last, make_generator(x.device, self.seed))
+        record = Record.start(x)
+        logits0 = clean_logits(model, x, record, opts)                     # (B, K)
         for stage in self.stages():
-            before = state.success.clone()
+            check_classes("dlr-targeted" if stage == "apgd-t" else stage.removeprefix("apgd-"), logits0.shape[1])
+        record.fooled = logits0.argmax(1) != y
+        broken_by: list[str | None] = ["clean" if s else None for s in record.fooled.tolist()]
+        b = x.shape[0]
+        robust_after = {"clean": float((~record.fooled).sum()) / b}
+        kw = dict(n_iter=self.n_iter, rho=self.rho)
+        for stage in self.stages():
+            before = record.fooled.clone()
             if stage == "apgd-t":
-                apgd_targeted_run(model, x, y, logits0, state, tm, n_targets=self.n_targets, **kw)
+                apgd_targeted(model, x, y, logits0, record, tm, opts, n_targets=self.n_targets, **kw)
             else:
-                apgd_run(model, x, y, state, tm, loss=stage.removeprefix("apgd-"), **kw)
-            for i in (state.success & ~before).nonzero().squeeze(1).tolist():
+                apgd_stage(model, x, y, record, tm, opts, loss=stage.removeprefix("apgd-"), **kw)
+            for i in (record.fooled & ~before).nonzero().squeeze(1).tolist():
                 broken_by[i] = stage
-            robust_after[stage] = float((~state.success).sum()) / b
-        x_adv, success = finish(model, x, state, tm, y, targeted=False)
+            robust_after[stage] = float((~record.fooled).sum()) / b
+        x_adv, success = finish(model, x, y, record, tm, opts, targeted=False)
         broken_by = [b if s else None for b, s in zip(broken_by, success.tolist())]
-        return AttackResult(x_adv, success, state.queries,
-                            {"forward_passes": state.forward_passes, "backward_passes": state.backward_passes,
-                             "broken_by": broken_by, "robust_after": robust_after})
+        info = {**record.info(), "broken_by": broken_by, "robust_after": robust_after}
+        return AttackResult(x_adv, success, record.queries, info)
