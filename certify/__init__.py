@@ -1,9 +1,18 @@
-"""robustkit certifiers. Importing this package registers them in ``CERTIFIERS``."""
+"""robustkit certifiers. Importing this package registers them in ``CERTIFIERS``
+(``smoothing``, ``ibp``, ``crown-ibp``), each following the ``Certifier`` protocol of ``certify.base``."""
 
-from certify.base import Certificate
-from certify.ibp import UnsupportedLayerError, certified_radius, interval_bounds, margin_bounds
-from certify.smoothing import Smooth
+from certify.base import Certificate, Certifier, image_seeds
+from certify.ibp import (
+    CrownIBPCertifier,
+    IBPCertifier,
+    UnsupportedLayerError,
+    certified_radius,
+    interval_bounds,
+    margin_bounds,
+)
+from certify.smoothing import Smooth, SmoothingCertifier
 from certify.stats import CheckpointCS, binom_test, clopper_pearson_lower, clopper_pearson_upper
 
-__all__ = ["Certificate", "CheckpointCS", "Smooth", "UnsupportedLayerError", "binom_test", "certified_radius",
-           "clopper_pearson_lower", "clopper_pearson_upper", "interval_bounds", "margin_bounds"]
+__all__ = ["Certificate", "Certifier", "CheckpointCS", "CrownIBPCertifier", "IBPCertifier", "Smooth",
+           "SmoothingCertifier", "UnsupportedLayerError", "binom_test", "certified_radius", "clopper_pearson_lower",
+           "clopper_pearson_upper", "image_seeds", "interval_bounds", "margin_bounds"]

@@ -19,9 +19,14 @@ a little smaller (0.93 vs 0.95 at sigma 0.25) -- and no valid procedure can cert
 from all-agreeing votes with fewer than ``ln(1/alpha) / (1 - Phi(r / sigma))`` samples, so near the
 fixed-``n`` maximum radius little can be saved; the savings come from everything below it.
 
-Fast path: noise is sampled for many images in one forward batch (rows ``img * num + j``),
-votes are counted with one ``bincount`` per batch, under ``torch.inference_mode`` (and
-optional CUDA autocast), and in sequential mode images that have stopped leave the batch.
+Fast path: noise is sampled for many images in one forward batch, votes are counted with one
+``bincount`` per batch, under ``torch.inference_mode`` (and optional CUDA autocast), and in
+sequential mode images that have stopped leave the batch. Each image draws its noise from its
+own generator (``seeds``, see ``certify/_noise.py``), so its certificate does not depend on the
+other images of the call or on ``batch_size``.
+
+``SmoothingCertifier`` (registered as ``"smoothing"``) is the ``Certifier``-protocol front of
+``Smooth.certify`` used by the certification pipeline.
 """
 
 from __future__ import annotations
@@ -31,33 +36,36 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+from certify._noise import NoiseStreams, count_votes
 from certify.base import Certificate
 from certify.stats import CheckpointCS, binom_test, clopper_pearson_lower
+from robustkit.errors import InputError
 from robustkit.modes import eval_mode
 from robustkit.registry import CERTIFIERS
+from robustkit.zoo import unwrap
 
 
 def _check(n: int, alpha: float, batch_size: int, name: str = "n") -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        raise InputError(f"{name} must be an integer >= 1, got {n!r}")
     if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def validate_params(sigma: float, n0: int, n: int, alpha: float, batch_size: int = 1000,
                     tol: float | None = None) -> None:
-    """Raise ``ValueError`` saying what is allowed: ``sigma > 0``, ``1 <= n0 <= n``, ``0 < alpha < 1``,
-    ``batch_size >= 1``, ``tol >= 0`` (or None)."""
+    """Raise ``InputError`` (a ``ValueError``) saying what is allowed: ``sigma > 0``, ``1 <= n0 <= n``,
+    ``0 < alpha < 1``, ``batch_size >= 1``, ``tol >= 0`` (or None)."""
     if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+        raise InputError(f"sigma must be a number > 0, got {sigma!r}")
     _check(n0, alpha, batch_size, "n0")
     _check(n, alpha, batch_size)
     if n0 > n:
-        raise ValueError(f"n0 must be <= n (1 <= n0 <= n), got n0={n0}, n={n}")
+        raise InputError(f"n0 must be <= n (1 <= n0 <= n), got n0={n0}, n={n}")
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be >= 0 (an L2 radius), got {tol!r}")
+        raise InputError(f"tol must be >= 0 (an L2 radius), got {tol!r}")
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
@@ -82,7 +90,6 @@ def sequential_stop(nA: np.ndarray, t: int, cs: CheckpointCS, sigma: float, tol:
     return lo, hi, stop
 
 
-@CERTIFIERS.register("smoothing", help="randomized smoothing, L2 (Cohen et al. 2019); sequential option")
 class Smooth:
     """A smoothed classifier around ``base_classifier`` (a ``RobustModel``: pixel space in, logits out).
 
@@ -97,17 +104,17 @@ class Smooth:
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, *, amp: bool = False) -> None:
         if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+            raise InputError(f"sigma must be a number > 0, got {sigma!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+            raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = float(sigma)
         self.amp = amp
 
     # -- PREDICT ------------------------------------------------------------------------
-    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000
-                ) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, *,
+                seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Cohen et al. PREDICT: labels ``(B,)`` for images ``x (B, C, H, W)``, ``-1`` = abstain.
 
         Draws ``n`` noisy samples per image; abstains unless the two-sided binomial test of the
@@ -117,7 +124,7 @@ class Smooth:
         """
         _check(n, alpha, batch_size)
         self._check_x(x)
-        counts = self._sample_noise(x, n, batch_size)            # (B, K)
+        counts = self._sample_noise(x, n, batch_size, self._streams(x, seeds))   # (B, K)
         top2 = counts.topk(2, dim=1)                             # values/indices (B, 2)
         count1, count2 = top2.values[:, 0], top2.values[:, 1]
         pvalue = binom_test(count1.cpu(), (count1 + count2).cpu(), 0.5)
@@ -127,7 +134,7 @@ class Smooth:
     # -- CERTIFY ------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                 batch_size: int = 1000, sequential: bool = False, tol: float | None = None, *,
-                first: int = 100, growth: float = 1.5) -> Certificate:
+                first: int = 100, growth: float = 1.5, seeds: torch.Tensor | None = None) -> Certificate:
         """Cohen et al. CERTIFY for a batch ``x (B, C, H, W)`` in ``[0, 1]``.
 
         ``n0`` selection samples pick ``cAHat``; ``n`` fresh estimation samples give ``nA`` and
@@ -161,12 +168,14 @@ class Smooth:
         validate_params(self.sigma, n0, n, alpha, batch_size, tol)
         self._check_x(x)
         B = x.shape[0]
-        cAHat = self._sample_noise(x, n0, batch_size).argmax(1)            # (B,)
+        streams = self._streams(x, seeds)
+        cAHat = self._sample_noise(x, n0, batch_size, streams).argmax(1)   # (B,)
         if sequential:
             tol = self.sigma / 4 if tol is None else float(tol)
-            nA, samples, pABar, pA_upper = self._sequential(x, cAHat, n, alpha, batch_size, tol, first, growth)
+            nA, samples, pABar, pA_upper = self._sequential(x, cAHat, n, alpha, batch_size, tol, first, growth,
+                                                            streams)
         else:
-            counts = self._sample_noise(x, n, batch_size)                  # (B, K)
+            counts = self._sample_noise(x, n, batch_size, streams)         # (B, K)
             nA = counts.gather(1, cAHat[:, None])[:, 0].cpu().numpy()      # (B,)
             samples = np.full(B, n, dtype=np.int64)
             pABar = np.asarray(clopper_pearson_lower(nA, n, alpha), dtype=np.float64).reshape(B)
@@ -183,7 +192,8 @@ class Smooth:
                            radius=torch.from_numpy(radius).to(dev), abstained=abst, info=info)
 
     def _sequential(self, x: torch.Tensor, cAHat: torch.Tensor, n: int, alpha: float, batch_size: int, tol: float,
-                    first: int, growth: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    first: int, growth: float, streams: NoiseStreams
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Rounds over the ``CheckpointCS`` schedule; returns ``nA, samples, pABar, pA_upper`` (each (B,))."""
         cs = CheckpointCS(n, alpha, first=first, growth=growth)
         B = x.shape[0]
@@ -195,7 +205,8 @@ class Smooth:
         t_prev = 0
         for t in cs.checkpoints:
             idx = torch.from_numpy(active).to(x.device)
-            counts = self._sample_noise(x.index_select(0, idx), t - t_prev, batch_size)   # (A, K)
+            counts = self._sample_noise(x.index_select(0, idx), t - t_prev, batch_size,
+                                        streams.subset(active.tolist()))    # (A, K)
             nA[active] += counts.cpu().numpy()[np.arange(active.size), cA[active]]
             samples[active] = t
             lo[active], hi[active], stop = sequential_stop(nA[active], t, cs, self.sigma, tol)
@@ -206,28 +217,74 @@ class Smooth:
         return nA, samples, lo, hi
 
     # -- sampling -----------------------------------------------------------------------
-    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> torch.Tensor:
-        """Votes ``(B, K)`` int64 of ``f`` on ``num`` noisy copies of each image in ``x (B, C, H, W)``.
+    def _streams(self, x: torch.Tensor, seeds: torch.Tensor | None) -> NoiseStreams:
+        if seeds is None:
+            seeds = torch.randint(0, 2 ** 62, (x.shape[0],), dtype=torch.int64)
+        seeds = torch.as_tensor(seeds, dtype=torch.int64)
+        if seeds.shape != (x.shape[0],):
+            raise InputError(f"seeds must have shape (B,) = ({x.shape[0]},), got {tuple(seeds.shape)}")
+        return NoiseStreams(seeds, x.device, x.shape[1:])
 
-        The ``B * num`` rows are cut into forward batches of ``batch_size`` regardless of image
-        boundaries, so small ``num`` packs several images into one batch.
-        """
-        B, K = x.shape[0], self.num_classes
-        total = B * num
-        counts = torch.zeros(B * K, dtype=torch.long, device=x.device)
-        use_amp = self.amp and x.device.type == "cuda"
-        with torch.inference_mode(), eval_mode(self.base_classifier):
-            for start in range(0, total, batch_size):
-                stop = min(start + batch_size, total)
-                img = torch.arange(start, stop, device=x.device) // num    # (b,) image of each row
-                batch = torch.randn((stop - start, *x.shape[1:]), device=x.device, dtype=x.dtype)
-                batch.mul_(self.sigma).add_(x.index_select(0, img))         # (b, C, H, W), not clipped
-                with torch.autocast(x.device.type, enabled=use_amp):
-                    pred = self.base_classifier(batch).argmax(1)           # (b,)
-                counts += torch.bincount(img * K + pred, minlength=B * K)
-        return counts.view(B, K)
+    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int, streams: NoiseStreams) -> torch.Tensor:
+        """Votes ``(B, K)`` int64 of ``f`` on ``num`` noisy copies of each image in ``x (B, C, H, W)``."""
+        return count_votes(self.base_classifier, x, self.sigma, num, self.num_classes, batch_size, streams, self.amp)
 
     def _check_x(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a float image batch (B, C, H, W) in [0, 1], got {got}")
+            raise InputError(f"x must be a float image batch (B, C, H, W) in [0, 1], got {got}")
+
+
+@CERTIFIERS.register("smoothing", help="randomized smoothing, L2 (Cohen et al. 2019); sequential option")
+class SmoothingCertifier:
+    """Cohen et al. 2019 CERTIFY of the smoothed classifier ``g`` around ``model`` (L2, pixel space).
+
+    Keyword-only settings, defaults as in the paper: ``sigma=0.25``, ``n0=100``, ``n=100_000``,
+    ``alpha=0.001``; ``batch_size`` noisy rows per forward pass; ``sequential`` / ``tol``: the
+    anytime-valid early stopping of ``Smooth.certify``; ``amp``: CUDA autocast.
+
+    Guarantee: per image, with probability at least ``1 - alpha`` over the noise, if the
+    certificate does not abstain then ``g`` predicts ``prediction`` within L2 distance ``radius``.
+    ``info["samples"]``: noise samples used per image, ``n0`` selection + estimation.
+    """
+
+    name, norm, deterministic = "smoothing", "l2", False
+
+    def __init__(self, *, sigma: float = 0.25, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                 batch_size: int = 1000, sequential: bool = False, tol: float | None = None,
+                 amp: bool = False) -> None:
+        validate_params(sigma, n0, n, alpha, batch_size, tol)
+        self.sigma, self.n0, self.n, self.alpha = float(sigma), int(n0), int(n), float(alpha)
+        self.batch_size, self.sequential, self.amp = int(batch_size), bool(sequential), bool(amp)
+        self.tol = (self.sigma / 4 if tol is None else float(tol)) if self.sequential else None
+
+    @property
+    def radius_scale(self) -> float:
+        return self.sigma
+
+    @property
+    def max_radius(self) -> float:
+        """The largest radius fixed-n CERTIFY can return with these settings."""
+        return max_radius(self.sigma, self.n, self.alpha)
+
+    @property
+    def guarantee(self) -> str:
+        how = ", anytime-valid checkpoint confidence sequence)" if self.sequential else ")"
+        return (f"each certificate holds with probability >= 1 - alpha = {1 - self.alpha:g} over the Monte-Carlo "
+                f"noise (Cohen et al. 2019, Thm 1 + Clopper-Pearson{how}; it certifies the smoothed classifier")
+
+    def params(self) -> dict[str, object]:
+        return {"sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha, "batch_size": self.batch_size,
+                "sequential": self.sequential, "tol": self.tol, "amp": self.amp}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, *, seeds: torch.Tensor | None = None) -> Certificate:
+        """Certificates for ``x (B, C, H, W)`` in [0, 1]; ``seeds (B,)`` int64 (default: from torch's RNG)."""
+        k = getattr(unwrap(model), "num_classes", None)
+        if not isinstance(k, int):
+            with torch.no_grad(), eval_mode(model):
+                k = int(model(x[:1]).shape[1])
+        cert = Smooth(model, k, self.sigma, amp=self.amp).certify(
+            x, self.n0, self.n, self.alpha, self.batch_size, self.sequential, self.tol, seeds=seeds)
+        info = dict(cert.info or {})
+        info["samples"] = info["samples"] + self.n0
+        return Certificate(cert.prediction, cert.radius, cert.abstained, info)

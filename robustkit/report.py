@@ -1,10 +1,13 @@
-"""Results: ``results.json``, ``report.md`` tables and PNG plots (all written atomically)."""
+"""Results: ``results.json``, ``report.md`` tables, certified-accuracy curves (one radius grid)
+and PNG plots (all written atomically)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from robustkit.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -31,6 +34,34 @@ def md_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = 
 
 def write_markdown(out: str | Path, text: str, name: str = "report.md") -> Path:
     return atomic_write_text(Path(out) / name, text)
+
+
+# -- certified accuracy ----------------------------------------------------------------------
+def radius_grid(scale: float, points: int = 17, top: float = 4.0) -> list[float]:
+    """THE radius grid of every certified-accuracy curve: ``points`` radii evenly spaced from 0 to
+    ``top * scale``. ``scale`` is the certifier's radius unit (sigma for smoothing, the threat eps
+    for IBP), so the default 17 points step by ``scale / 4`` and ``scale`` itself (the threat eps)
+    is exactly on the grid (Cohen et al. 2019 plot smoothing up to ~4 sigma)."""
+    if not scale > 0 or points < 2:
+        raise ValueError(f"radius_grid needs scale > 0 and points >= 2, got {scale!r}, {points!r}")
+    return [scale * (k * top / (points - 1)) for k in range(points)]
+
+
+def certified_accuracy_curve(radius: Sequence[float], correct: Sequence[bool], grid: Sequence[float]
+                             ) -> dict[str, Any]:
+    """THE certified-accuracy curve: per grid radius ``r`` the fraction of points that are
+    ``correct`` (predicted right and not abstained) with certified ``radius >= r``; and the
+    average certified radius (ACR, Zhai et al. 2020, MACER): the mean over all points of the
+    radius of the correct ones, 0 for the others. Returns
+    ``{"radius": grid, "certified_accuracy": [...], "average_certified_radius": float}``."""
+    r = np.asarray(radius, dtype=np.float64).reshape(-1)
+    ok = np.asarray(correct, dtype=bool).reshape(-1)
+    if r.shape != ok.shape:
+        raise ValueError(f"radius and correct need the same length, got {r.size} and {ok.size}")
+    n = max(r.size, 1)
+    acc = [float(np.count_nonzero(ok & (r >= g)) / n) for g in grid]
+    return {"radius": [float(g) for g in grid], "certified_accuracy": acc,
+            "average_certified_radius": float(np.where(ok, r, 0.0).sum() / n)}
 
 
 def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,

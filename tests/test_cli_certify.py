@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -44,7 +43,7 @@ def test_smoothing_end_to_end(model_dir, tmp_path):
     out = tmp_path / "out"
     assert _run("--model", model_dir, *SMALL, "--n-images", "5", "--out", str(out)) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["method"] == "smoothing" and res["n"] == 5
+    assert res["certifier"] == "smoothing" and res["n"] == 5 and res["norm"] == "l2" and not res["deterministic"]
     assert res["params"]["n"] == 200 and res["params"]["sigma"] == 0.25 and res["params"]["alpha"] == 0.01
     rec = res["per_sample"]
     assert [r["index"] for r in rec] == [0, 1, 2, 3, 4]
@@ -52,10 +51,15 @@ def test_smoothing_end_to_end(model_dir, tmp_path):
         assert set(r) >= {"prediction", "radius", "abstained", "correct", "samples", "pA_lower"}
         assert r["samples"] == 210
         assert (r["radius"] == 0) == r["abstained"]
-    ca = res["certified_accuracy"]
-    assert ca["radius"][0] == 0 and len(ca["radius"]) == len(ca["accuracy"])
-    assert all(a >= b for a, b in zip(ca["accuracy"], ca["accuracy"][1:]))     # non-increasing in radius
+    ca = res["curve"]
+    assert ca["radius"][0] == 0 and len(ca["radius"]) == len(ca["certified_accuracy"]) == 17
+    assert ca["radius"][4] == 0.25 and ca["radius"][-1] == 1.0                 # the one grid: 0 .. 4 sigma
+    assert all(a >= b for a, b in zip(ca["certified_accuracy"], ca["certified_accuracy"][1:]))  # non-increasing
+    assert ca["certified_accuracy"][0] == sum(r["correct"] for r in rec) / 5
+    acr = sum(r["radius"] for r in rec if r["correct"]) / 5
+    assert res["average_certified_radius"] == pytest.approx(acr) and res["abstain_rate"] <= 1
     assert res["seconds"] > 0 and res["samples"]["mean"] == 210
+    assert "probability >= 1 - alpha" in res["guarantee"]
     report = (out / "report.md").read_text()
     assert "| radius (L2) | certified accuracy |" in report and "0.2500" in report
     assert (out / "plots" / "certified_accuracy.png").stat().st_size > 1000
@@ -108,14 +112,30 @@ def test_missing_model_exits_2(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-def test_ibp_dispatch(model_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "ibp"
-    monkeypatch.setitem(sys.modules, "robustkit.commands._certify_ibp", None)   # as if not installed
-    assert _run("--model", model_dir, "--method", "ibp", "--eps", "0.1", "--n-images", "4", "--out", str(out)) == 2
-    assert "--method ibp is not available" in capsys.readouterr().err
-    monkeypatch.undo()
-    monkeypatch.setattr(cli, "COMMANDS", ["certify"])
-    pytest.importorskip("robustkit.commands._certify_ibp")
-    assert _run("--model", model_dir, "--method", "ibp", "--eps", "0.05", "--n-images", "4", "--out", str(out)) == 0
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_ibp_end_to_end(model_dir, tmp_path, method):
+    out = tmp_path / method
+    assert _run("--model", model_dir, "--method", method, "--eps", "0.05", "--radius", "--n-images", "6",
+                "--out", str(out)) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["method"] == "ibp" and (out / "report.md").is_file()
+    assert res["certifier"] == method and res["deterministic"] and res["norm"] == "linf" and res["n"] == 6
+    assert res["params"]["eps"] == 0.05 and res["params"]["tol"] == 1e-3 and res["params"]["max_eps"] == 1.0
+    rec = res["per_sample"]
+    assert not any(r["abstained"] for r in rec) and all(0 <= r["radius"] <= 1.0 for r in rec)
+    assert res["curve"]["radius"][4] == 0.05                                     # eps is on the grid
+    assert res["curve"]["certified_accuracy"][4] == sum(r["correct"] and r["radius"] >= 0.05 for r in rec) / 6
+    assert res["clean_accuracy"] == res["curve"]["certified_accuracy"][0] and res["samples"] is None
+    assert (out / "report.md").is_file() and (out / "plots" / "certified_accuracy.png").is_file()
+
+
+def test_config_recipe_and_set_overrides(model_dir, tmp_path):
+    """--config + flags + --set: flags override the recipe, --set overrides both; unknown keys exit 2."""
+    out = tmp_path / "cfg"
+    assert _run("--config", "configs/certify_smoothing_mnist5k.yaml", "--model", model_dir, "--n", "100",
+                "--set", "smoothing.n0=10", "--set", "n_images=2", "--set", f"out={out}", "--n0", "50") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["params"]["n"] == 100 and res["params"]["n0"] == 10 and res["n"] == 2
+    assert _run("--config", "configs/certify_ibp_mnist5k.yaml", "--model", model_dir, "--set", "n_images=3",
+                "--set", f"out={tmp_path / 'ibp'}") == 0
+    assert json.loads((tmp_path / "ibp" / "results.json").read_text())["certifier"] == "ibp"
+    assert _run("--model", model_dir, "--set", "smoothing.nope=1", "--out", str(tmp_path / "x")) == 2

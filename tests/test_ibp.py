@@ -1,9 +1,7 @@
 """IBP / CROWN-IBP: soundness first (bounds contain every point of the ball), then the API,
-the training objective and its schedule, and the CLI helper."""
+the certifiers, the training objective and its schedule, and the pipeline's IBP results."""
 
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
@@ -22,7 +20,8 @@ from certify.ibp import (
 from defenses._ibp_schedule import IBPSchedule, ramp
 from defenses.base import StepContext
 from defenses.ibp import IBPTraining
-from robustkit.commands._certify_ibp import run_ibp
+from robustkit.app._certify_report import write_outputs
+from robustkit.app.certify import Points, certified_at, certify_points
 from robustkit.registry import CERTIFIERS, DEFENSES
 from robustkit.threat import ThreatModel
 from robustkit.zoo import RobustModel, create
@@ -97,7 +96,7 @@ def _inputs(b: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 ALL = list(_nets())
-CROWN = [n for n in ALL if n != "maxpool"]
+CROWN = ALL                          # every layer type has a backward rule (certify/_layers.py), max pooling too
 TOL = 1e-9
 
 
@@ -222,8 +221,6 @@ def test_unsupported_layers_are_named() -> None:
     tanh = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     with pytest.raises(UnsupportedLayerError, match=r"model\.2: Tanh"):
         margin_bounds(tanh, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), 0.1)
-    with pytest.raises(UnsupportedLayerError, match="MaxPool2d is not supported by crown-ibp"):
-        margin_bounds(_model("maxpool"), _inputs(), torch.tensor([0, 1, 2, 3]), 0.1, method="crown-ibp")
     with pytest.raises(UnsupportedLayerError, match="BatchNorm2d in train mode"):
         interval_bounds(_model("bn").train(), _inputs(), 0.1)
     assert issubclass(UnsupportedLayerError, ValueError)
@@ -295,18 +292,35 @@ def test_ibp_training_rejects_batchnorm_in_train_mode() -> None:
         IBPTraining(eps=0.1).loss(model, _inputs().float(), torch.tensor([0, 1, 2, 3]))
 
 
-# -- CLI helper ------------------------------------------------------------------------------
-def test_run_ibp_result_and_plot(tiny_mnist_model: RobustModel, mnist_test_batch: tuple[torch.Tensor, torch.Tensor],
-                                 tmp_path) -> None:
+# -- the pipeline's IBP results ---------------------------------------------------------------
+def test_anchor_splits_the_bisection_at_eps(tiny_mnist_model: RobustModel,
+                                            mnist_test_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """With the threat eps as anchor, radius >= eps exactly when certified at eps; the radius is certified."""
+    model, (x, y) = tiny_mnist_model, mnist_test_batch
+    eps = 0.0123
+    r = certified_radius(model, x, y, "ibp", tol=1e-2, max_eps=0.25, anchor=eps)
+    assert r.dtype == torch.float64
+    assert torch.equal(r >= eps, certify(model, x, y, eps, "ibp"))
+    pos = r > 0
+    assert certify(model, x[pos], y[pos], r[pos], "ibp").all()
+    plain = certified_radius(model, x, y, "ibp", tol=1e-2, max_eps=0.25)
+    assert ((r - plain).abs() <= 1e-2).all()                    # both within tol of the same largest radius
+
+
+def test_pipeline_ibp_results_and_plot(tiny_mnist_model: RobustModel,
+                                       mnist_test_batch: tuple[torch.Tensor, torch.Tensor], tmp_path) -> None:
     x, y = mnist_test_batch[0][:40], mnist_test_batch[1][:40]
-    args = argparse.Namespace(method="crown-ibp", eps="1/100", radius=True, batch_size=24, out=str(tmp_path),
-                              max_eps=0.25, tol=2e-2)
-    res = run_ibp(args, tiny_mnist_model, x, y, "cpu")
-    assert res["method"] == "crown-ibp" and res["eps"] == 0.01 and res["n"] == 40 and len(res["certified"]) == 40
-    assert 0 < res["certified_accuracy"] <= res["clean_accuracy"]
-    assert len(res["radius"]) == 40 and res["bound_passes"] == 2 * (1 + 1 + 4)
+    certifier = CERTIFIERS.get("crown-ibp")(eps="1/100", tol=2e-2, max_eps=0.25, batch_size=24)
+    res = certify_points(tiny_mnist_model, Points.first(x, y), certifier, chunk=16, progress=False)
+    flags = certify(tiny_mnist_model, x, y, 0.01, "crown-ibp")
+    assert res["certifier"] == "crown-ibp" and res["params"]["eps"] == 0.01 and res["n"] == 40
+    assert torch.equal(certified_at(res, 0.01), flags)                       # radius >= eps <=> certified at eps
+    clean = float((tiny_mnist_model(x).argmax(1) == y).float().mean())
+    assert 0 < float(flags.float().mean()) <= clean == pytest.approx(res["clean_accuracy"])
     curve = res["curve"]
-    assert curve["certified_accuracy"][0] == pytest.approx(res["clean_accuracy"])
-    i = curve["eps"].index(0.01)
-    assert curve["certified_accuracy"][i] == pytest.approx(res["certified_accuracy"])
-    assert (tmp_path / "plots" / "certified_accuracy.png").is_file()
+    assert curve["certified_accuracy"][0] == pytest.approx(clean)
+    assert curve["radius"][4] == 0.01 and curve["certified_accuracy"][4] == pytest.approx(float(flags.float().mean()))
+    assert res["average_certified_radius"] == pytest.approx(sum(r["radius"] for r in res["per_sample"]
+                                                                if r["correct"]) / 40)
+    write_outputs(tmp_path, res)
+    assert (tmp_path / "plots" / "certified_accuracy.png").is_file() and (tmp_path / "report.md").is_file()

@@ -11,7 +11,7 @@ from scipy.stats import binom, norm
 from torch import nn
 
 from certify import Certificate, CheckpointCS, Smooth, binom_test, clopper_pearson_lower, clopper_pearson_upper
-from certify.smoothing import max_radius
+from certify.smoothing import SmoothingCertifier, max_radius
 from defenses.noise import GaussianNoise
 from robustkit.registry import CERTIFIERS, DEFENSES
 from robustkit.zoo import RobustModel
@@ -244,7 +244,7 @@ def test_validation_inputs():
 
 
 def test_registered():
-    assert CERTIFIERS.get("smoothing") is Smooth
+    assert CERTIFIERS.get("smoothing") is SmoothingCertifier
     assert DEFENSES.get("noise") is GaussianNoise
 
 
