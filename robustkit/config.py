@@ -249,6 +249,68 @@ class BenchmarkConfig:
         return sorted(set(grid))
 
 
+# -- certify (``robustkit certify``) --------------------------------------------------------
+@dataclass
+class CertifySmoothingConfig:
+    """Randomized smoothing (Cohen et al. 2019): the paper's defaults."""
+
+    sigma: float = 0.25                    # noise level, pixel space (they use 0.12, 0.25, 0.5, 1.0)
+    n0: int = 100                          # selection samples per image
+    n: int = 100_000                       # estimation samples per image (the maximum, if sequential)
+    alpha: float = 0.001                   # failure probability of each certificate
+    sequential: bool = False               # anytime-valid early stopping per image
+    tol: float | None = None               # sequential: stop when the radius can grow by <= tol (None: sigma/4)
+
+
+@dataclass
+class CertifyBoundsConfig:
+    """IBP / CROWN-IBP: radius = the largest certified eps, by bisection on [0, max_eps] to tol."""
+
+    eps: str = "0.1"                       # the threat radius (reported, and the bisection splits at it)
+    norm: str = "linf"                     # linf | l2
+    tol: float = 1e-3
+    max_eps: float = 1.0                   # an L-inf ball of radius 1 already covers the [0, 1] box
+
+
+@dataclass
+class CertifyConfig:
+    """``robustkit certify``: certificates of one model on test images (recipes: ``configs/certify_*.yaml``).
+
+    ``method`` is a ``CERTIFIERS`` name; its settings come from ``smoothing`` or ``bounds``.
+    Per-image results depend only on (``seed``, image index) and the certifier settings, not on
+    ``chunk`` or ``batch_size`` (those only trade memory for speed).
+    """
+
+    model: str | None = None               # run directory or model directory (required; --model)
+    method: str = "smoothing"              # smoothing | ibp | crown-ibp
+    dataset: str = "mnist5k"
+    data_root: str | None = None
+    download: bool = False
+    n_images: int = 100                    # certify the first n_images test images ...
+    skip: int = 1                          # ... of every skip-th one
+    batch_size: int = 1000                 # noisy rows per forward pass (smoothing) / images per bound pass
+    chunk: int | None = None               # images per certifier call and per progress save (None: auto)
+    amp: bool = False                      # CUDA autocast (smoothing)
+    seed: int = 0
+    out: str = "runs/certify"
+    smoothing: CertifySmoothingConfig = field(default_factory=CertifySmoothingConfig)
+    bounds: CertifyBoundsConfig = field(default_factory=CertifyBoundsConfig)
+
+    def __post_init__(self) -> None:
+        from robustkit.threat import parse_norm
+        from robustkit.validate import integer
+
+        self.method = str(self.method).strip().lower()
+        for key in ("n_images", "skip", "batch_size") + (("chunk",) if self.chunk is not None else ()):
+            _cfg_check(key, integer, key, getattr(self, key), 1)
+        if isinstance(self.smoothing, dict):
+            self.smoothing = from_dict(CertifySmoothingConfig, self.smoothing, "smoothing")
+        if isinstance(self.bounds, dict):
+            self.bounds = from_dict(CertifyBoundsConfig, self.bounds, "bounds")
+        _cfg_check("bounds.eps", parse_eps, self.bounds.eps)
+        self.bounds.norm = _cfg_check("bounds.norm", parse_norm, self.bounds.norm, ("linf", "l2"))
+
+
 # -- conversion -------------------------------------------------------------------------
 def _check(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
