@@ -35,10 +35,23 @@ class RunDir:
         self.ckpt = self.path / "checkpoints"
         self.plots = self.path / "plots"
 
-    def create(self, config_yaml: str, resume: bool = False) -> RunDir:
-        if self.path.exists() and not resume and self.checkpoint_dir("last") is not None:
+    def check(self, resume: bool = False) -> RunDir:
+        """``CheckpointError`` (before anything is written) when a new run would overwrite an
+        existing one, or when ``resume`` finds nothing to resume."""
+        has_run = self.checkpoint_dir("last") is not None
+        if has_run and not resume:
             raise CheckpointError(f"run directory {self.path} already holds a run; pass --resume to continue it "
                                   "or choose another --out")
+        if resume and not has_run:
+            raise CheckpointError(f"nothing to resume in {self.path}: no checkpoints/last (run without --resume to "
+                                  "start it)")
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"run directory {self.path} is a file")
+        return self
+
+    def create(self, config_yaml: str, resume: bool = False) -> RunDir:
+        """Check (see ``check``), then make the directory and write the resolved ``config.yaml``."""
+        self.check(resume)
         self.path.mkdir(parents=True, exist_ok=True)
         self.plots.mkdir(exist_ok=True)
         atomic_write_text(self.path / "config.yaml", config_yaml)

@@ -124,6 +124,19 @@ def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32
     return RobustModel(net, arch, num_classes, input_shape, mean, std, arch_kwargs)
 
 
+def is_arch(name: str) -> bool:
+    """Whether ``create`` can build ``name``: a built-in net, ``tv:NAME`` or a timm model name."""
+    if name in MODELS:
+        return True
+    if name.startswith("tv:"):
+        import torchvision
+
+        return name[3:] in torchvision.models.list_models()
+    import timm
+
+    return bool(timm.is_model(name))
+
+
 def _check_kwargs(builder: Callable[..., Any], arch: str, kw: dict[str, Any]) -> None:
     """``InputError`` naming the accepted keywords when ``kw`` does not fit ``builder``'s signature."""
     sig = inspect.signature(builder)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from robustkit.config import TrainConfig, load_config
+from robustkit.config import TrainConfig, from_dict
 from robustkit.data import load_data
 from robustkit.evaluate import predict
 from robustkit.io import atomic_write_json
@@ -62,28 +62,34 @@ class Settings:
                    smoothing_images=500, smoothing_n=100_000, bench_n=1000)
 
 
-def _train_cfg(s: Settings, name: str, **over: Any) -> TrainConfig:
-    base = [f"model.arch={s.arch}", "data.name=mnist5k", f"eval.n={s.eval_n}", "eval.attack=pgd",
-            f"eval.eps={s.eps}", "eval.steps=10"]
-    return load_config(None, base + [f"{k}={json.dumps(v)}" for k, v in over.items()])
+def _train_cfg(s: Settings, epochs: int, **sections: dict[str, Any]) -> TrainConfig:
+    """A stage's ``TrainConfig``: the shared base (``s.arch`` on mnist5k, per-epoch 10-step PGD at
+    ``s.eps`` on the first ``s.eval_n`` test images) with the stage's own keys per section."""
+    data: dict[str, Any] = {"epochs": epochs, **sections}
+    data["model"] = {"arch": s.arch, **sections.get("model", {})}
+    data["data"] = {"name": "mnist5k", **sections.get("data", {})}
+    data["eval"] = {"n": s.eval_n, "attack": "pgd", "eps": str(s.eps), "steps": 10, **sections.get("eval", {})}
+    return from_dict(TrainConfig, data)
 
 
 def stage_configs(s: Settings, out: Path) -> dict[str, TrainConfig]:
+    """The four training stages: standard (the "pretrained" model), its TRADES + AWP fine-tuning,
+    Gaussian-noise training (for smoothing) and IBP training."""
     return {
-        "standard": _train_cfg(s, "standard", epochs=s.pretrain_epochs, **{"optim.lr": 0.05, "defense.name": "standard",
-                                                                           "eval.best_by": "clean_accuracy"}),
-        "finetune": _train_cfg(s, "finetune", epochs=s.finetune_epochs, **{
-            "model.pretrained": str(out / "standard"), "optim.lr": 0.05, "schedule.name": "slow-start-fast-decay",
-            "defense.name": "trades", "defense.params": {"preset": "mnist", "eps": s.eps, "steps": s.trades_steps,
-                                                         "step_size": 2 * s.eps / s.trades_steps},
-            "defense.weight_perturbation": "awp", "defense.wp_params": {"gamma": 5e-3, "warmup_epochs": 0}}),
-        "noise": _train_cfg(s, "noise", epochs=s.noise_epochs, **{"optim.lr": 0.05, "defense.name": "noise",
-                                                                   "defense.params": {"sigma": s.sigma},
-                                                                   "eval.best_by": "clean_accuracy"}),
-        "ibp": _train_cfg(s, "ibp", epochs=s.ibp_epochs, **{"optim.name": "adam", "optim.lr": 1e-3,
-                                                             "optim.weight_decay": 0.0, "schedule.name": "step",
-                                                             "schedule.milestones": [0.6, 0.85], "defense.name": "ibp",
-                                                             "defense.params": {"eps": s.ibp_eps}}),
+        "standard": _train_cfg(s, s.pretrain_epochs, optim={"lr": 0.05}, defense={"name": "standard"},
+                               eval={"best_by": "clean_accuracy"}),
+        "finetune": _train_cfg(
+            s, s.finetune_epochs, model={"pretrained": str(out / "standard")}, optim={"lr": 0.05},
+            schedule={"name": "slow-start-fast-decay"},
+            defense={"name": "trades", "params": {"preset": "mnist", "eps": s.eps, "steps": s.trades_steps,
+                                                  "step_size": 2 * s.eps / s.trades_steps},
+                     "weight_perturbation": "awp", "wp_params": {"gamma": 5e-3, "warmup_epochs": 0}}),
+        "noise": _train_cfg(s, s.noise_epochs, optim={"lr": 0.05}, defense={"name": "noise",
+                                                                            "params": {"sigma": s.sigma}},
+                            eval={"best_by": "clean_accuracy"}),
+        "ibp": _train_cfg(s, s.ibp_epochs, optim={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+                          schedule={"name": "step", "milestones": [0.6, 0.85]},
+                          defense={"name": "ibp", "params": {"eps": s.ibp_eps}}),
     }
 
 
@@ -188,13 +194,16 @@ def certify_stage(out: Path, s: Settings, device: torch.device, progress: bool) 
 
 
 def benchmark_stage(out: Path, s: Settings, device: torch.device) -> None:
-    from robustkit.app.benchmark import run_benchmark
+    from robustkit.app.benchmark import benchmark
+    from robustkit.config import BenchmarkConfig
 
-    models = [str(out / n) for n in ("standard", "finetune", "noise", "ibp")]
-    run_benchmark(models, dataset="mnist5k", norm="linf", eps=s.eps, n=s.bench_n,
-                  attacks=["autoattack", "pgd", "fast"], certify=["ibp"], out=out / "benchmark", device=device,
-                  attack_params=s.attack_params,
-                  eps_grid=sorted({0.0, s.eps / 2, s.eps, 2 * s.eps, 3 * s.eps}))
+    cfg = BenchmarkConfig(models=[str(out / n) for n in ("standard", "finetune", "noise", "ibp")],
+                          dataset="mnist5k", norm="linf", eps=str(s.eps), n=s.bench_n,
+                          attacks=["autoattack", "pgd", "fast"], certify=["ibp"],
+                          attack_params={k: dict(v) for k, v in (s.attack_params or {}).items()},
+                          eps_grid=[str(e) for e in sorted({0.0, s.eps / 2, s.eps, 2 * s.eps, 3 * s.eps})],
+                          out=str(out / "benchmark"))
+    benchmark(cfg, device=device)
 
 
 def write_report(out: Path, s: Settings, timings: dict[str, float]) -> Path:

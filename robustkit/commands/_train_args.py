@@ -106,44 +106,11 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     return cfg
 
 
-def check_pretrained(spec: str | None) -> None:
-    """Fail early, with the accepted forms, when ``--model`` is neither a path nor a model name."""
-    if not spec or Path(spec).exists():
-        return
-    from robustkit.registry import MODELS
-
-    if spec.startswith("tv:") or spec in MODELS or _is_timm(spec):
-        return
-    raise ConfigError(f"pretrained model not found: {spec} (expected a run directory, a model directory with "
-                      "model.json + model.safetensors, a .pt/.pth/.safetensors state dict, or a timm / tv: model "
-                      "name with locally cached weights)")
-
-
-def _is_timm(name: str) -> bool:
-    try:
-        import timm
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return bool(timm.is_model(name))
-
-
-def materialize_pretrained(cfg: TrainConfig, out: str | Path) -> None:
-    """Turn a timm / ``tv:`` model *name* in ``cfg.model.pretrained`` into a model directory under
-    ``out/pretrained`` (built with the library's locally cached weights), so the run directory
-    records exactly which weights fine-tuning started from."""
-    spec = cfg.model.pretrained
-    if not spec or Path(spec).exists():
-        return
-    from robustkit.data import dataset_info
-    from robustkit.zoo import create, save
-
-    check_pretrained(spec)
-    info = dataset_info(cfg.data.name)
-    try:
-        model = create(spec, cfg.model.num_classes or info.num_classes, info.input_shape, cfg.model.mean,
-                       cfg.model.std, pretrained=True, **cfg.model.kwargs)
-    except (RuntimeError, OSError) as e:  # e.g. weights not in the local cache and no internet
-        raise ConfigError(f"cannot load the pretrained weights of {spec!r}: {str(e).splitlines()[0][:200]}") from None
-    dest = Path(out) / "pretrained"
-    save(model, dest)
-    cfg.model.pretrained, cfg.model.arch = str(dest), spec
+def summary(verb: str, cfg: TrainConfig, run: Any) -> str:  # run: robustkit.runs.RunDir
+    """The one line printed after training: what, how long, the last epoch's accuracies, where."""
+    metrics = run.metrics()
+    final = metrics[-1] if metrics else {}
+    accs = ", ".join(f"{k} {final[k]:.4f}" for k in ("clean_accuracy", "robust_accuracy") if k in final)
+    wp = f" + {cfg.defense.weight_perturbation}" if cfg.defense.weight_perturbation else ""
+    return (f"{verb} {cfg.model.arch or cfg.model.pretrained} with {cfg.defense.name}{wp} for {cfg.epochs} epochs"
+            f"{': ' + accs if accs else ''}. Run: {run.path}")

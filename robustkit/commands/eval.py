@@ -9,6 +9,7 @@ from robustkit.commands._common import add_common, add_data, load_model_arg, set
 from robustkit.data import make_loader
 from robustkit.evaluate import clean_accuracy
 from robustkit.report import md_table, write_markdown, write_results
+from robustkit.zoo import check_compatible
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_arg(args.model, device)
     loader = make_loader(args.dataset, args.split, batch_size=args.batch_size, n=args.n, data_root=args.data_root,
                          download=args.download, device=device)
-    if tuple(loader.info.input_shape) != tuple(model.input_shape):
-        raise ValueError(f"model expects inputs {model.input_shape}, dataset {args.dataset!r} has "
-                         f"{loader.info.input_shape}")
+    check_compatible(model, loader.info)
     r = clean_accuracy(model, loader, progress=True)
     res = {"model": str(args.model), "arch": model.arch, "dataset": args.dataset, "split": args.split,
            "n": r["n"], "clean_accuracy": r["clean_accuracy"], "seconds": r["seconds"]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from robustkit.commands._common import add_common, setup
-from robustkit.commands._train_args import add_train_args, check_pretrained, config_from_args, materialize_pretrained
+from robustkit.commands._train_args import add_train_args, config_from_args, summary
 from robustkit.errors import ConfigError
 
 DEFAULTS = {"schedule": {"name": "slow-start-fast-decay"}, "defense": {"name": "trades"}}
@@ -34,15 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.model.pretrained:
         raise ConfigError("finetune needs a pretrained model: --model RUN_DIR | MODEL_DIR | STATE_DICT.pt | NAME "
                           "(or model.pretrained in --config)")
-    check_pretrained(cfg.model.pretrained)
     if cfg.defense.weight_perturbation:
         cfg.defense.wp_params.setdefault("warmup_epochs", 0)
-    device = setup(args)
-    materialize_pretrained(cfg, args.out)
-    run_dir = train(cfg, args.out, device, resume=args.resume)
-    final = run_dir.metrics()[-1] if run_dir.metrics() else {}
-    accs = ", ".join(f"{k} {final[k]:.4f}" for k in ("clean_accuracy", "robust_accuracy") if k in final)
-    print(f"fine-tuned {cfg.model.arch or cfg.model.pretrained} with {cfg.defense.name}"
-          f"{' + ' + cfg.defense.weight_perturbation if cfg.defense.weight_perturbation else ''} for {cfg.epochs} "
-          f"epochs{': ' + accs if accs else ''}. Run: {run_dir.path}")
+    run_dir = train(cfg, args.out, setup(args), resume=args.resume)
+    print(summary("fine-tuned", cfg, run_dir))
     return 0

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from robustkit.commands._common import add_common, setup
-from robustkit.commands._train_args import add_train_args, check_pretrained, config_from_args, materialize_pretrained
+from robustkit.commands._train_args import add_train_args, config_from_args, summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,28 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from robustkit.app.train import train
+    from robustkit.zoo import is_arch
 
-    if args.model and not Path(args.model).exists() and args.arch is None and _is_arch(args.model):
+    if args.model and not Path(args.model).exists() and args.arch is None and is_arch(args.model):
         args.arch, args.model = args.model, None  # `train --model ibp-small`: an architecture to train from scratch
     cfg = config_from_args(args)
-    check_pretrained(cfg.model.pretrained)
-    device = setup(args)
-    materialize_pretrained(cfg, args.out)
-    run_dir = train(cfg, args.out, device, resume=args.resume)
-    final = run_dir.metrics()[-1] if run_dir.metrics() else {}
-    accs = ", ".join(f"{k} {final[k]:.4f}" for k in ("clean_accuracy", "robust_accuracy") if k in final)
-    print(f"trained {cfg.model.arch or cfg.model.pretrained} with {cfg.defense.name} for {cfg.epochs} epochs"
-          f"{': ' + accs if accs else ''}. Run: {run_dir.path}")
+    run_dir = train(cfg, args.out, setup(args), resume=args.resume)
+    print(summary("trained", cfg, run_dir))
     return 0
-
-
-def _is_arch(name: str) -> bool:
-    """A built-in, ``tv:`` or timm architecture name (not a file)."""
-    import robustkit.nets  # noqa: F401
-    from robustkit.registry import MODELS
-
-    if name in MODELS or name.startswith("tv:"):
-        return True
-    import timm
-
-    return timm.is_model(name)
