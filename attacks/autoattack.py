@@ -32,35 +32,30 @@ Device: follows ``x.device``.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib
-import inspect
 import io
-import json
-import logging
-import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TextIO
 
 import torch
 from torch import nn
 
+from attacks._autoattack_pkg import PACKAGES, build, captured, find_package, run_one, set_override
+from attacks._autoattack_state import fingerprint, load_state, save_state
 from attacks.base import Attack, AttackResult, check_inputs, eval_mode, num_classes_of
-from robustkit.io import atomic_write, atomic_write_json
+from robustkit.errors import InputError
 from robustkit.registry import ATTACKS
-from robustkit.threat import parse_eps
+from robustkit.threat import parse_eps, parse_norm
+from robustkit.validate import integer, one_of
 
-PACKAGES = ("autoattack", "pyautoattack")           # preference order
+__all__ = ["ATTACK_NAMES", "PACKAGES", "VERSIONS", "AutoAttackAttack", "AutoAttackResult", "find_package",
+           "run_autoattack"]
+
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
-STATE_FORMAT = "robustkit-autoattack-state/1"
 
 
 @dataclass
@@ -105,172 +100,21 @@ class AutoAttackResult:
                 "resumed": self.resumed}
 
 
-# -- backend --------------------------------------------------------------------------------
-def find_package(package: str = "auto") -> tuple[ModuleType, str, str]:
-    """Import the AutoAttack backend: ``(module, name, version)``. ``package``: ``auto`` (upstream
-    ``autoattack`` if importable, else ``pyautoattack``) or one of ``PACKAGES``."""
-    if package != "auto" and package not in PACKAGES:
-        raise ValueError(f"unknown AutoAttack package {package!r}; allowed: auto, {', '.join(PACKAGES)}")
-    for name in PACKAGES if package == "auto" else (package,):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "AutoAttack"):
-            return mod, name, _version(mod, name)
-    raise ImportError("AutoAttack is not installed: pip install pyautoattack, or "
-                      "pip install git+https://github.com/fra31/auto-attack")
-
-
-def _version(mod: ModuleType, name: str) -> str:
-    v = getattr(mod, "__version__", None)
-    if v:
-        return str(v)
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _build(mod: ModuleType, model: nn.Module, norm: str, eps: float, version: str, attacks: list[str] | None,
-           seed: int | None, device: torch.device) -> Any:
-    """Construct ``mod.AutoAttack`` through whichever signature it has."""
-    params = inspect.signature(mod.AutoAttack).parameters
-    kw: dict[str, Any] = {"norm": norm, "eps": eps, "version": version, "seed": seed, "device": device}
-    if "verbose" in params:
-        kw["verbose"] = True                     # its messages reach our sink, never our stdout
-    if "log_path" in params:
-        kw["log_path"] = None                    # upstream's Logger then prints: captured like the rest
-    if version == "custom":
-        kw["attacks_to_run" if "attacks_to_run" in params else "attacks"] = list(attacks or [])
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
-    return mod.AutoAttack(model, **kw)
-
-
-def _run_one(aa: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ``run_standard_evaluation`` call; ``(x_adv, labels or None)``."""
-    params = inspect.signature(aa.run_standard_evaluation).parameters
-    kw: dict[str, Any] = {"bs" if "bs" in params else "batch_size": batch_size}
-    if "return_labels" in params:
-        kw["return_labels"] = True
-    out = aa.run_standard_evaluation(x, y, **kw)
-    if isinstance(out, tuple):
-        return out[0], out[1]
-    return out, None
-
-
-def _set_override(aa: Any, key: str, value: Any) -> None:
-    """``"apgd.n_iter": 10`` sets ``aa.apgd.n_iter`` (and APGD's derived checkpoint lengths)."""
-    head, _, attr = key.rpartition(".")
-    obj = getattr(aa, head, None) if head else aa
-    if obj is None or not hasattr(obj, attr):
-        raise ValueError(f"unknown AutoAttack override {key!r} (e.g. 'apgd.n_iter', 'square.n_queries', "
-                         "'apgd_targeted.n_target_classes', 'fab.n_iter')")
-    setattr(obj, attr, value)
-    if attr == "n_iter" and hasattr(obj, "n_iter_2"):       # APGD derives these in __init__
-        obj.n_iter_orig = value
-        obj.n_iter_2, obj.n_iter_min = max(int(0.22 * value), 1), max(int(0.06 * value), 1)
-        obj.size_decr = max(int(0.03 * value), 1)
-
-
-# -- output capture ---------------------------------------------------------------------------
-class _Tee(io.TextIOBase):
-    def __init__(self, *streams: TextIO) -> None:
-        self.streams = streams
-
-    def write(self, s: str) -> int:
-        for st in self.streams:
-            st.write(s)
-            st.flush()
-        return len(s)
-
-
-@contextlib.contextmanager
-def _captured(sink: TextIO, verbose: bool) -> Iterator[None]:
-    """Route the package's prints, ``auto-attack`` logger and warnings to ``sink``; restore the RNG."""
-    stream: TextIO = _Tee(sink, sys.stdout) if verbose else sink  # type: ignore[assignment]
-    logger = logging.getLogger("auto-attack")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    saved = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        with contextlib.redirect_stdout(stream), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            stream.write(f"WARNING {w.category.__name__}: {w.message}\n")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
-# -- resume state ---------------------------------------------------------------------------
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    h.update(x.detach().cpu().float().contiguous().numpy().tobytes())
-    h.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _save_state(path: Path, fp: str, done: list[str], broken_by: list[str | None], robust_after: dict[str, float],
-                attack_seconds: dict[str, float], x_adv: torch.Tensor, robust: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    idx = (~robust).nonzero().squeeze(1).cpu()
-    tensors = {"index": idx.contiguous(), "x_adv": x_adv[idx.to(x_adv.device)].detach().cpu().contiguous()}
-    atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(path, {"format": STATE_FORMAT, "fingerprint": fp, "done": done, "broken_by": broken_by,
-                             "robust_after": robust_after, "attack_seconds": attack_seconds})
-
-
-def _load_state(path: Path, fp: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads(path.read_text())
-        tensors = load_file(str(path.with_suffix(".safetensors")))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: unreadable AutoAttack state ({e}); delete it to start over") from None
-    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fp:
-        raise ValueError(f"{path}: state was written for other inputs or settings "
-                         "(different x, y, norm, eps, version, attacks, seed or package); delete it or pick another")
-    state["tensors"] = tensors
-    return state
-
-
 # -- the adapter ----------------------------------------------------------------------------
 def _check_config(norm: str, eps: float | str, version: str, attacks: Sequence[str] | None
                   ) -> tuple[str, float, str, list[str] | None]:
-    key = str(norm).lower().replace("-", "").replace("_", "")
-    key = {"inf": "linf", "l∞": "linf"}.get(key, key)
-    if key not in NORMS:
-        raise ValueError(f"unknown norm {norm!r} for AutoAttack; allowed: {', '.join(NORMS)}")
-    if version not in VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; allowed: {', '.join(VERSIONS)}")
+    key = parse_norm(norm, tuple(NORMS))
+    version = one_of("AutoAttack version", version, VERSIONS)
     if attacks is not None:
         attacks = [str(a).lower() for a in attacks]
         bad = [a for a in attacks if a not in ATTACK_NAMES]
         if bad or not attacks:
-            raise ValueError(f"unknown AutoAttack attacks {bad or attacks!r}; allowed: {', '.join(ATTACK_NAMES)}")
+            raise InputError(f"unknown AutoAttack attacks {bad or attacks!r}; allowed: {', '.join(ATTACK_NAMES)}")
         if version in ("plus", "rand"):
-            raise ValueError(f"version {version!r} fixes its attacks; use version='custom' with attacks=[...]")
+            raise InputError(f"version {version!r} fixes its attacks; use version='custom' with attacks=[...]")
         version = "custom"
     elif version == "custom":
-        raise ValueError(f"version='custom' needs attacks=[...] from {', '.join(ATTACK_NAMES)}")
+        raise InputError(f"version='custom' needs attacks=[...] from {', '.join(ATTACK_NAMES)}")
     return NORMS[key], parse_eps(eps), version, attacks
 
 
@@ -289,12 +133,11 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
 
     ``overrides`` sets attributes of the package's attack objects after the version is applied,
     e.g. ``{"apgd.n_iter": 10, "square.n_queries": 100}`` (for quick runs; defaults are the paper's).
-    Raises ``ValueError`` for unknown norm / version / attack names and bad inputs.
+    Raises ``InputError`` (a ``ValueError``) for unknown norm / version / attack names and bad inputs.
     """
     pkg_norm, eps_f, version, attacks = _check_config(norm, eps, version, attacks)
     check_inputs(x, y, num_classes_of(model))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    integer("batch_size", batch_size, 1)
     mod, pkg_name, pkg_version = find_package(package)
     y = y.to(device=x.device, dtype=torch.long)
     if log_path is None and out_dir is not None:
@@ -304,15 +147,15 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     sink: TextIO = open(log_path, "a", buffering=1) if log_path is not None else io.StringIO()  # noqa: SIM115
     t0 = time.perf_counter()
     try:
-        with eval_mode(model), _captured(sink, verbose):
-            aa = _build(mod, model, pkg_norm, eps_f, version, attacks, seed, x.device)
+        with eval_mode(model), captured(sink, verbose):
+            aa = build(mod, model, pkg_norm, eps_f, version, attacks, seed, x.device)
             for key, value in (overrides or {}).items():
-                _set_override(aa, key, value)
+                set_override(aa, key, value)
             order = list(aa.attacks_to_run)
             cfg = {"norm": pkg_norm, "eps": eps_f, "version": version, "attacks": order, "seed": seed,
                    "package": pkg_name, "package_version": pkg_version, "overrides": overrides or {}}
             sink.write(f"robustkit: AutoAttack via {pkg_name} {pkg_version}: {cfg}\n")
-            fp = _fingerprint(x, y, cfg)
+            fp = fingerprint(x, y, cfg)
             x_adv, robust, broken_by, robust_after, seconds, resumed = _sequence(
                 aa, model, x, y, order, batch_size, Path(state_path) if state_path else None, fp, sink)
     finally:
@@ -334,7 +177,7 @@ def _sequence(aa: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order
     """The attacks one at a time, each on the still-robust points; checkpoint after each."""
     n = max(x.shape[0], 1)
     x_adv = x.detach().clone()
-    state = _load_state(state_path, fp) if state_path is not None else None
+    state = load_state(state_path, fp) if state_path is not None else None
     if state is not None:
         broken_by: list[str | None] = list(state["broken_by"])
         robust_after, seconds, done = dict(state["robust_after"]), dict(state["attack_seconds"]), list(state["done"])
@@ -348,7 +191,7 @@ def _sequence(aa: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order
     resumed = list(done)
     robust = torch.tensor([b is None for b in broken_by], dtype=torch.bool, device=x.device)
     if state_path is not None and state is None:
-        _save_state(state_path, fp, done, broken_by, robust_after, seconds, x_adv, robust)
+        save_state(state_path, fp, done, broken_by, robust_after, seconds, x_adv, robust)
     for name in order:
         if name in done:
             continue
@@ -356,7 +199,7 @@ def _sequence(aa: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order
         idx = robust.nonzero().squeeze(1)                              # (M,) still robust
         if idx.numel():
             aa.attacks_to_run = [name]
-            adv, labels = _run_one(aa, x[idx], y[idx], batch_size)     # (M, C, H, W), (M,) | None
+            adv, labels = run_one(aa, x[idx], y[idx], batch_size)     # (M, C, H, W), (M,) | None
             adv = adv.to(x.device, x.dtype)
             labels = _predict(model, adv, batch_size) if labels is None else labels.to(x.device)
             hit = labels != y[idx]                                     # (M,)
@@ -369,7 +212,7 @@ def _sequence(aa: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order
         done.append(name)
         sink.write(f"robustkit: after {name}: robust accuracy {robust_after[name]:.2%} ({seconds[name]:.1f} s)\n")
         if state_path is not None:
-            _save_state(state_path, fp, done, broken_by, robust_after, seconds, x_adv, robust)
+            save_state(state_path, fp, done, broken_by, robust_after, seconds, x_adv, robust)
     aa.attacks_to_run = order
     return x_adv, robust, broken_by, robust_after, seconds, resumed
 
@@ -394,8 +237,8 @@ class AutoAttackAttack(Attack):
                  log_dir: str | None = None, verbose: bool = False, package: str = "auto",
                  overrides: dict[str, Any] | None = None) -> None:
         pkg_norm, eps_f, version, attack_list = _check_config(norm, eps, version, attacks)
-        if package != "auto" and package not in PACKAGES:
-            raise ValueError(f"unknown AutoAttack package {package!r}; allowed: auto, {', '.join(PACKAGES)}")
+        package = one_of("AutoAttack package", package, ("auto", *PACKAGES))
+        integer("batch_size", batch_size, 1)
         self.norm, self.eps, self.version = pkg_norm.lower(), eps_f, version
         self.attacks = attack_list
         self.batch_size, self.seed, self.log_dir, self.verbose = batch_size, seed, log_dir, verbose

@@ -1,4 +1,4 @@
-"""The AutoAttack adapter (robustkit/autoattack.py): upstream API via a fake module, real pyautoattack."""
+"""The AutoAttack adapter (attacks/autoattack.py): upstream API via a fake module, real pyautoattack."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import attacks  # noqa: F401  (registers the attacks, "autoattack" included)
 import robustkit
-from attacks.autoattack import AutoAttackAttack, _set_override, find_package, run_autoattack
+from attacks._autoattack_pkg import set_override
+from attacks.autoattack import AutoAttackAttack, find_package, run_autoattack
 from attacks.base import AttackResult
 from robustkit.data import mnist5k
 from robustkit.registry import ATTACKS
@@ -156,7 +157,7 @@ def test_sequential_equals_one_call(model, data) -> None:
     r = run_autoattack(model, x, y, eps=0.1, package="pyautoattack", overrides=QUICK)
     aa = AutoAttack(model, norm="Linf", eps=0.1, seed=0, version="standard")
     for key, value in QUICK.items():
-        _set_override(aa, key, value)
+        set_override(aa, key, value)
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=250)
     assert torch.equal(r.robust, y_adv.to(y.device) == y)
 
@@ -220,3 +221,24 @@ def test_bad_tensors_raise(model, data) -> None:
         run_autoattack(model, x[:2] * 255, y[:2], eps=0.1)
     with pytest.raises(ValueError):
         run_autoattack(model, x[:2], y[:3], eps=0.1)
+
+
+def test_norm_names_parsed_by_threat_model() -> None:
+    """Norm spellings go through ``robustkit.threat.parse_norm`` (L1 allowed for AutoAttack only)."""
+    from robustkit.errors import InputError
+
+    assert AutoAttackAttack(norm="L-inf", eps=0.1).norm == "linf"
+    assert AutoAttackAttack(norm="L2", eps=0.5).norm == "l2" and AutoAttackAttack(norm="l1", eps=5).norm == "l1"
+    with pytest.raises(InputError, match="allowed: linf, l2, l1"):
+        AutoAttackAttack(norm="l0", eps=0.1)
+
+
+def test_missing_package_is_a_user_error(monkeypatch) -> None:
+    from attacks._autoattack_pkg import AutoAttackMissing
+    from robustkit.errors import RobustkitError
+
+    monkeypatch.setitem(sys.modules, "autoattack", None)          # import autoattack -> ImportError
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    with pytest.raises(AutoAttackMissing, match="pip install pyautoattack") as info:
+        find_package()
+    assert isinstance(info.value, RobustkitError) and isinstance(info.value, ImportError)
