@@ -67,6 +67,7 @@ class Evaluation:
     sub_attacks: list[list[str | None]]
     stats: list[AttackStats]
     seconds: float
+    clean_seconds: float
     clean_forward: int
     verify_forward: int
     x: torch.Tensor | None = None

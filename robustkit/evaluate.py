@@ -155,13 +155,15 @@ def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch
     dev = _device_of(model)
     stats = [AttackStats(name, params=a.params() if hasattr(a, "params") else {}) for name, a in zip(labels, attacks)]
     subs: list[list[str | None]] = [[] for _ in attacks]
-    cols, counts = Columns(), {"clean": 0, "verify": 0}
+    cols, counts, clean_s = Columns(), {"clean": 0, "verify": 0}, 0.0
     t0 = time.perf_counter()
     bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False)
     for x, y in batches:
         bt = _Batch(x.to(dev), y.to(dev, torch.long), counts["clean"], len(attacks), keep_adversarials)
         counts["clean"] += x.shape[0]
+        t_clean = time.perf_counter()
         pred, bt.num_classes = _predict_on(model, bt.x, opt.batch_size, amp)  # (B,), K
+        clean_s += time.perf_counter() - t_clean
         correct = pred == bt.y
         for s in subs:
             s.extend([None] * x.shape[0])
@@ -182,13 +184,14 @@ def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch
     bar.close()
     a = len(attacks)
     return Evaluation(
-        mode=mode, attacks=labels, clean_correct=cols.cat("correct", dtype=torch.bool),
+        mode=opt.mode, attacks=labels, clean_correct=cols.cat("correct", dtype=torch.bool),
         attacked=cols.cat("attacked", 1, (a, 0), torch.bool), broken=cols.cat("broken", 1, (a, 0), torch.bool),
         unverified=cols.cat("unverified", 1, (a, 0), torch.bool), broken_by=cols.cat("broken_by", dtype=torch.long),
         l2=cols.cat("l2"), linf=cols.cat("linf"), queries=cols.cat("queries", dtype=torch.long),
         queries_to_success=cols.cat("q_success", dtype=torch.long), y=cols.cat("y", dtype=torch.long),
         pred_clean=cols.cat("pred", dtype=torch.long), sub_attacks=subs, stats=stats,
-        seconds=time.perf_counter() - t0, clean_forward=counts["clean"], verify_forward=counts["verify"],
+        seconds=time.perf_counter() - t0, clean_seconds=clean_s, clean_forward=counts["clean"],
+        verify_forward=counts["verify"],
         x=cols.cat("x") if keep_adversarials else None, x_adv=cols.cat("x_adv") if keep_adversarials else None)
 
 

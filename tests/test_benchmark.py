@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import robustkit.app.benchmark as bm
+from robustkit.app import _bench_attacks
 from robustkit.app import _bench_report as rep
 from robustkit.cli import main
 from robustkit.zoo import create, save
@@ -125,7 +126,7 @@ def test_rerun_reuses_per_model_results(bench: tuple[dict[str, Any], Path], mode
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("attack ran again although the per-model result could be reused")
 
-    monkeypatch.setattr(bm, "attack_points", boom)
+    monkeypatch.setattr(_bench_attacks, "evaluate_attacks", boom)
     again = bm.run_benchmark(model_dirs, out, n=40, eps=0.1, attacks=ATTACKS, certify=["ibp", "smoothing"],
                              eps_grid=[0, 0.05, 0.1], attack_params=CHEAP, smoothing=SMOOTH, batch_size=64,
                              progress=False)
@@ -183,7 +184,7 @@ def test_cli(model_dirs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixtu
     def unsound(*a: Any, **k: Any) -> None:
         raise bm.SoundnessError("1 point(s) broken by an attack although certified at eps=0.3")
 
-    monkeypatch.setattr(bm, "run_benchmark", unsound)
+    monkeypatch.setattr(bm, "benchmark", unsound)
     assert main(base) == 3
     assert "SOUNDNESS ERROR: 1 point(s) broken" in capsys.readouterr().err
 

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from robustkit.app._attack_report import queries_section, success_vs_budget
+from robustkit.app.build import build_chain
 from robustkit.cli import main
-from robustkit.commands.attack import build_attacks, parse_params, success_vs_budget
+from robustkit.commands._config import param_overrides
+from robustkit.config import apply_overrides
 from robustkit.zoo import create, save
 
 
@@ -54,8 +57,8 @@ def test_curve_mode_and_chain(model_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("argv,words", [
     (["--attack", "nope", "--eps", "0.1"], "unknown attack"),
     (["--attack", "pgd", "--eps", "-0.1"], "eps"),
-    (["--attack", "pgd"], "needs --eps"),
-    (["--attack", "deepfool", "--steps", "3"], "--steps is not accepted"),
+    (["--attack", "pgd"], "needs eps"),
+    (["--attack", "deepfool", "--steps", "3"], "'steps' is not accepted by attack deepfool"),
     (["--attack", "pgd", "--eps", "0.1", "--param", "bogus=1"], "bogus"),
     (["--attack", "pgd", "--eps", "0.1", "--param", "noequals"], "KEY=VALUE"),
     (["--attack", "pgd", "--eps", "0.1", "--norm", "l7"], "norm"),
@@ -75,9 +78,9 @@ def test_shape_mismatch_and_missing_model(tmp_path: Path, capsys) -> None:
 
 
 def test_helpers() -> None:
-    assert parse_params(["a=1", "b=0.5", "c=true", "d=8/255", "e=null"]) == \
-        {"a": 1, "b": 0.5, "c": True, "d": "8/255", "e": None}
-    pgd, df = build_attacks(["pgd", "deepfool"], {"norm": "l2", "eps": 1.0, "steps": 3}, seed=7)
+    items = param_overrides(["a=1", "b=0.5", "c=true", "d=8/255", "e=null"], "params")
+    assert apply_overrides({}, items) == {"params": {"a": 1, "b": 0.5, "c": True, "d": "8/255", "e": None}}
+    pgd, df = build_chain(["pgd", "deepfool"], {"steps": 3}, norm="l2", eps=1.0, seed=7)
     assert (pgd.norm, pgd.eps, pgd.steps, pgd.seed) == ("l2", 1.0, 3, 7) and (df.norm, df.eps) == ("l2", 1.0)
     import torch
 
@@ -89,16 +92,47 @@ def test_query_stats_for_query_based_attacks(tmp_path: Path) -> None:
     """The query-budget section (used by hard-label attacks with ``max_queries``), on a fake result."""
     import torch
 
-    from robustkit.commands.attack import _queries
-
     class _Fake:
         max_queries = 100
 
     r = {"success": torch.tensor([True, True, False, False]), "queries": torch.tensor([3, 40, 100, 0]),
          "clean_correct": torch.tensor([True, True, True, False])}
     res = {"attack": "fake"}
-    md = "".join(_queries(tmp_path, res, r, [_Fake()]))
+    md = "".join(queries_section(tmp_path, res, r, [_Fake()]))
     q = res["queries"]
     assert q["median_queries"] in (3.0, 40.0) and q["mean_queries"] == 21.5 and q["max_queries"] == 100
     assert q["success_vs_queries"][-1]["success_rate"] == pytest.approx(2 / 3)
     assert (tmp_path / "plots" / "success_vs_queries.png").is_file() and "Queries" in md
+
+
+def test_config_recipe_flags_and_set(model_dir: Path, tmp_path: Path) -> None:
+    """``--config`` + flags + ``--set``: flags override the recipe, ``--set`` overrides both."""
+    out = tmp_path / "recipe"
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "attack_mnist5k_pgd_linf.yaml"
+    assert _run("--model", str(model_dir), "--config", str(recipe), "--eps", "0.25",
+                "--steps", "7", "--set", "params.steps=3", "--set", "params.restarts=1", "--out", str(out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["eps"] == 0.25 and res["norm"] == "linf" and res["attack"] == "pgd" and res["mode"] == "chained"
+    assert res["params"][0]["steps"] == 3 and res["params"][0]["restarts"] == 1
+    assert res["config"]["params"]["loss"] == "ce" and res["config"]["batch_size"] == 24   # recipe < flag
+    assert _run("--model", str(model_dir), "--eps", "0.1", "--set", "bogus=1", "--out", str(tmp_path / "b")) == 2
+
+
+def test_unverified_claims_are_not_counted(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A fake attack that claims every point with an out-of-ball x_adv breaks nothing; the next
+    attack of the chain still sees every clean-correct point."""
+    from _fake_attacks import Liar
+
+    from robustkit.registry import ATTACKS
+
+    monkeypatch.setitem(ATTACKS._items, "liar", Liar)
+    for mode in ("chained", "independent"):
+        out = tmp_path / mode
+        assert _run("--model", str(model_dir), "--attack", "liar,pgd", "--eps", "0.1", "--steps", "3",
+                    "--mode", mode, "--out", str(out)) == 0
+        res = json.loads((out / "results.json").read_text())
+        liar, pgd = res["per_attack"]
+        correct = round(res["clean_accuracy"] * res["n"])
+        assert liar["broken"] == 0 and liar["unverified"] == liar["attacked"] == correct
+        assert res["unverified"] == correct and pgd["attacked"] == correct
+        assert res["robust_accuracy"] == pytest.approx(res["clean_accuracy"] - pgd["broken"] / res["n"])

@@ -1,6 +1,5 @@
-"""The benchmark's certificates and records: deterministic (IBP) and smoothing certificates per
-model, one RobustBench-style entry per model, consistency flags, ``results.json``, ``report.md``
-and the plots (see ``robustkit.app.benchmark``, which runs the attacks)."""
+"""The benchmark's records: one RobustBench-style entry per model, the per-point breakdown,
+consistency flags, ``results.json``, ``report.md`` and the plots (see ``robustkit.app.benchmark``)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkit.config import BenchmarkConfig
 from robustkit.report import fmt, line_plot, md_table, write_markdown, write_results
 
 THREAT = {"linf": "Linf", "l2": "L2"}
@@ -27,14 +27,15 @@ def _indices(mask: torch.Tensor) -> list[int]:
 
 
 # -- one model's entry ------------------------------------------------------------------------
-def make_entry(name: str, model: nn.Module, source: str | None, s: dict[str, Any], correct: torch.Tensor,
+def make_entry(name: str, model: nn.Module, source: str | None, cfg: BenchmarkConfig, correct: torch.Tensor,
                broken: dict[str, torch.Tensor], subs: dict[str, list[str | None]], meta: dict[str, Any],
                certified: dict[str, Any], cert_flags: dict[str, torch.Tensor], curve: dict[str, list[float]] | None,
                seconds: dict[str, float]) -> dict[str, Any]:
-    """``correct`` and ``broken[attack]`` are ``(N,)`` bool; a point is robust if no attack broke it."""
+    """``correct`` and ``broken[attack]`` (verified) are ``(N,)`` bool; a point is robust if no attack
+    broke it."""
     any_broken = torch.stack(list(broken.values())).any(0)                     # (N,)
     e: dict[str, Any] = {"name": name, "architecture": getattr(model, "arch", type(model).__name__),
-                         "dataset": s["dataset"], "threat_model": THREAT[s["norm"]], "eps": s["eps"],
+                         "dataset": cfg.dataset, "threat_model": THREAT[cfg.norm], "eps": cfg.eps_value,
                          "n": int(correct.numel()), "source": source, "clean_acc": acc(correct)}
     if "autoattack" in broken:
         e["autoattack_acc"] = acc(correct & ~broken["autoattack"])
@@ -105,9 +106,8 @@ def write_plots(out: Path, entries: list[dict[str, Any]], s: dict[str, Any]) -> 
     for e in entries:
         for c, r in e["certified"].items():
             if r.get("status") == "ok" and "curve" in r:
-                xs = r["curve"].get("eps", r["curve"].get("radius"))
                 unit = f"L2, sigma={r['sigma']:g}" if c == "smoothing" else "L-inf"
-                cert[f"{e['name']} {c} ({unit})"] = (xs, r["curve"]["certified_acc"])
+                cert[f"{e['name']} {c} ({unit})"] = (r["curve"]["radius"], r["curve"]["certified_accuracy"])
     if cert:
         line_plot(out / "plots" / "certified_accuracy.png", cert, xlabel="radius (IBP: L-inf eps; smoothing: L2)",
                   ylabel="certified accuracy", title="certified accuracy vs radius", step=True)
@@ -151,7 +151,7 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
 
 def _curve_text(r: dict[str, Any]) -> str:
     """Smoothing on an L-inf benchmark: certified L2 accuracy at a few radii (up to 2 sigma)."""
-    pts = [(x, a) for x, a in zip(r["curve"]["radius"], r["curve"]["certified_acc"]) if x <= 2 * r["sigma"]][::2]
+    pts = [(x, a) for x, a in zip(r["curve"]["radius"], r["curve"]["certified_accuracy"]) if x <= 2 * r["sigma"]][::2]
     return (f"smoothed classifier, sigma={r['sigma']:g}, {r['n_images']} images, certified accuracy at L2 radius "
             + ", ".join(f"{x:g}: {fmt(a)}" for x, a in pts))
 

@@ -1,0 +1,73 @@
+"""The benchmark's models: loading (names, devices), weight fingerprints for the resume key, and
+the noise sigma of runs trained for randomized smoothing (see ``robustkit.app.benchmark``)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robustkit.errors import InputError
+from robustkit.zoo import RobustModel, load, resolve_model_dir
+
+ModelsArg = Sequence[str | Path | RobustModel] | Mapping[str, str | Path | RobustModel]
+
+
+def display_name(path: Path) -> str:
+    """A run's directory name (``runs/x/checkpoints/best`` -> ``x``), else the model directory's."""
+    d = resolve_model_dir(path)
+    return d.parent.parent.name if d.parent.name == "checkpoints" else d.name
+
+
+def load_models(models: ModelsArg, device: torch.device | str | None) -> dict[str, tuple[RobustModel, str | None]]:
+    """``{unique name: (model in eval mode, source path or None)}``; names are also file names."""
+    items = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in models]
+    if not items:
+        raise InputError("need at least one model")
+    out: dict[str, tuple[RobustModel, str | None]] = {}
+    for i, (name, m) in enumerate(items):
+        if isinstance(m, nn.Module):
+            model, source = m, None
+            name = name or f"{getattr(m, 'arch', 'model')}-{i}"
+        else:
+            model, source = (load(m) if device is None else load(m, map_location=device)), str(Path(m))
+            name = name or display_name(Path(m))
+        name = re.sub(r"[^\w.+-]", "_", str(name))
+        if device is not None:
+            model = model.to(device)
+        base, k = name, 2
+        while name in out:
+            name, k = f"{base}-{k}", k + 1
+        out[name] = (model.eval(), source)
+    return out
+
+
+def fingerprint(model: nn.Module) -> str:
+    """16 hex digits of a SHA-256 over the state dict (names and raw bytes)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_sigma(source: str | None) -> float | None:
+    """Noise sigma of the run that produced ``source`` (``defense: {name: noise, params: {sigma}}``)."""
+    if source is None:
+        return None
+    import yaml
+
+    d = resolve_model_dir(source)
+    for cand in (Path(source), d.parent.parent, d.parent):
+        f = cand / "config.yaml"
+        if f.is_file():
+            cfg = yaml.safe_load(f.read_text()) or {}
+            defense = cfg.get("defense") or {}
+            if defense.get("name") == "noise":
+                return float((defense.get("params") or {}).get("sigma", 0.25))
+            return None
+    return None
