@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robustkit-installed
 
-.PHONY: quickstart test lint install bench clean
+.PHONY: quickstart test lint install bench bench-quick bench-gpu clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,23 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
+# Every benchmark module (benchmarks/__init__.py: MODULES), JSON in benchmarks/results/.
+# ARGS go to each module, so use the shared flags there (e.g. ARGS="--threads 1").
+BENCH := attacks bo_attack certify defenses fast_vs_autoattack ibp training
+# The ones that take --device (bo_attack is CPU only); GPU results go to benchmarks/results/gpu/.
+BENCH_GPU := attacks certify defenses fast_vs_autoattack ibp training
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/attacks.py
-	$(BIN)/python benchmarks/certify.py
-	$(BIN)/python benchmarks/defenses.py
+	set -e; for m in $(BENCH); do $(BIN)/python -m benchmarks.$$m $(ARGS); done
+
+bench-quick: $(STAMP)
+	set -e; for m in $(BENCH); do $(BIN)/python -m benchmarks.$$m --quick $(ARGS); done
+
+bench-gpu: $(STAMP)
+	set -e; for m in $(BENCH_GPU); do \
+	  $(BIN)/python -m benchmarks.$$m --device cuda --out benchmarks/results/gpu/$$m.json $(ARGS); done
+	$(BIN)/python -m benchmarks.attacks --device cuda --amp --channels-last \
+	  --out benchmarks/results/gpu/attacks_amp_channels_last.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,10 +1,10 @@
 """Benchmark: hard-label BO attack (ours) vs HopSkipJump (foolbox, ART) vs random search, MNIST CNN.
 
-    .venv/bin/python benchmarks/bo_attack.py --quick          # smoke run, a couple of minutes
-    .venv/bin/python benchmarks/bo_attack.py                  # full: 100 images, budgets 100..1000 (~45 min, 1 thread)
+    python -m benchmarks.bo_attack --quick          # smoke run, about a minute
+    python -m benchmarks.bo_attack                  # full: 100 images, budgets 100..1000 (~45 min, 1 thread)
 
 Model: the LeNet-style CNN of Madry et al. (``lenet``), trained a few epochs on mnist5k/train
-inside the benchmark and cached under ``benchmarks/results/bo_attack_cnn`` (robustkit.zoo.save).
+through the Trainer and cached under ``benchmarks/results/cache/`` (``_common.cached_model``).
 Images: the first ``--n`` correctly classified mnist5k/test images. Threat models: L-inf eps=0.3
 and L2 eps=3.0, untargeted. Success at budget q: an adversarial point inside the eps-ball (and
 [0, 1]) was found within the first q label queries of that image. Ours and random search stop at
@@ -21,32 +21,25 @@ the subspace/dim defaults came from the per-query success of random latents on t
 100 images (no attack run); the trust region and bisection steps were tuned on other images
 (indices 100-129 of the correctly classified ones). Writes one JSON file (default
 ``benchmarks/results/bo_attack.json``), atomically after every run; ``--resume`` keeps finished runs.
+CPU only (the peers take numpy arrays; one torch thread by default: the cores are shared).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# ``python benchmarks/bo_attack.py`` puts benchmarks/ first on sys.path, where benchmarks/attacks.py
-# would shadow the ``attacks`` package: drop that entry.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from attacks.bo_hard_label import BOHardLabel  # noqa: E402
-from defenses.standard import Standard  # noqa: E402
-from defenses.trainer import fit  # noqa: E402
-from robustkit.data import load_data, make_loader  # noqa: E402
-from robustkit.io import atomic_write_json  # noqa: E402
-from robustkit.threat import ThreatModel  # noqa: E402
-from robustkit.zoo import RobustModel, create, load, save  # noqa: E402
+from attacks.bo_hard_label import BOHardLabel
+from benchmarks._common import Recipe, cached_model, log, parser, setup, write_results
+from robustkit.data import load_data
+from robustkit.threat import ThreatModel
+from robustkit.zoo import RobustModel
 
 PAPER = {"paper": "Shukla, Sahu, Willmott, Kolter. Simple and Efficient Hard Label Black-box Adversarial Attacks "
                   "in Low Query Budget Regimes. KDD 2021",
@@ -84,19 +77,10 @@ class Counter(nn.Module):
         return logits
 
 
-def train_cnn(cache: Path, epochs: int) -> tuple[RobustModel, dict[str, Any]]:
+def train_cnn(epochs: int) -> tuple[RobustModel, dict[str, Any]]:
     """``lenet`` trained ``epochs`` epochs (Adam 1e-3, batch 64, seed 0) on mnist5k/train; cached."""
-    meta = {"arch": "lenet", "epochs": epochs, "optimizer": "adam 1e-3 batch 64 seed 0", "data": "mnist5k/train"}
-    if (cache / "bench_meta.json").is_file() and json.loads((cache / "bench_meta.json").read_text()) == meta:
-        return load(cache).eval(), {**meta, "cached": True}
-    torch.manual_seed(0)
-    model = create("lenet", 10, (1, 28, 28))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    t0 = time.perf_counter()
-    fit(model, Standard(), make_loader("mnist5k", "train", batch_size=64, seed=0), epochs=epochs, optimizer=opt)
-    save(model, cache)
-    (cache / "bench_meta.json").write_text(json.dumps(meta))
-    return model, {**meta, "cached": False, "train_seconds": round(time.perf_counter() - t0, 1)}
+    recipe = Recipe("bo-lenet-mnist5k", "lenet", epochs=epochs, lr=1e-3, batch_size=64)
+    return cached_model(recipe, torch.device("cpu"))
 
 
 def curve(first: list[int | None] | torch.Tensor, budgets: list[int]) -> dict[str, float]:
@@ -274,27 +258,27 @@ RUNS: dict[str, dict[str, Any]] = {  # name -> BOHardLabel overrides (ours) or t
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser("bo_attack", __doc__, device=False)
+    p.set_defaults(threads=1)
     p.add_argument("--n", type=int, default=100, help="correctly classified test images (default 100)")
     p.add_argument("--budgets", default="100,250,500,1000")
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 images, budgets 25,50, no ART, no ablations")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--ablation-n", type=int, default=30, help="images for the ablation runs (default 30)")
-    p.add_argument("--loop-images", type=int, default=8, help="images for the batched-vs-one-at-a-time timing")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the cores are shared)")
+    p.add_argument("--loop-images", type=int, default=None,
+                   help="images for the batched-vs-one-at-a-time timing (default 8, quick 2)")
     p.add_argument("--skip", default="", help="comma list of runs to skip (names above, or acq)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out (same images, budgets)")
-    p.add_argument("--out", default="benchmarks/results/bo_attack.json")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = p.parse_args(argv)
+    device = setup(args)
     budgets = [25, 50] if args.quick else sorted(int(b) for b in args.budgets.split(","))
     n = 8 if args.quick else args.n
+    loop_images = args.loop_images if args.loop_images is not None else (2 if args.quick else 8)
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         skip |= {"art_hsj", "ablation_official_config", "ablation_no_trust_region"}
-    model, model_info = train_cnn(Path("benchmarks/results/bo_attack_cnn"), args.epochs)
+    model, model_info = train_cnn(args.epochs)
     for prm in model.parameters():
         prm.requires_grad_(False)
     xt, yt = load_data("mnist5k", "test").tensors()
@@ -302,13 +286,16 @@ def main() -> None:
         pred = torch.cat([model(xt[i:i + 500]).argmax(1) for i in range(0, len(yt), 500)])
     idx = (pred == yt).nonzero().flatten()[:n]
     x, y = xt[idx], yt[idx]
-    out: dict[str, Any] = {"benchmark": "bo_attack", "quick": args.quick, "model": model_info,
+    out: dict[str, Any] = {"model": model_info,
                            "clean_accuracy_test": round(float((pred == yt).float().mean()), 4), "n_images": len(y),
                            "image_indices": idx.tolist(), "budgets": budgets, "paper": PAPER,
-                           "env": {"torch": torch.__version__, "threads": args.threads,
-                                   "python": platform.python_version(), "machine": "CPU only (2-core box)"},
                            "success_criterion": "adversarial label and inside the eps-ball and [0,1], found within "
                                                 "the first q label queries of that image", "results": {}}
+
+    def save() -> None:
+        write_results(args.out, "bo_attack", out, device=device, quick=args.quick,
+                      packages=("botorch", "foolbox", "adversarial-robustness-toolbox"))
+
     if args.resume and Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())
         if old.get("image_indices") == out["image_indices"] and old.get("budgets") == budgets:
@@ -324,14 +311,13 @@ def main() -> None:
             if "peer" in cfg:
                 r = run_peer(cfg["peer"], model, x, y, norm, eps, top)
             else:
-                r = run_ours(model, x[:m], y[:m], norm, eps, top, args.loop_images if name == "ours_bo" else 0,
+                r = run_ours(model, x[:m], y[:m], norm, eps, top, loop_images if name == "ours_bo" else 0,
                              args.seed, **cfg)
             r.update(budget=top, n_images=m, success_rate_at_budget=curve(r["first_success_query"], budgets))
             res[name] = r
-            print(f"{key} {name}: {r['success_rate_at_budget']}  ({r['wall_s']}s)", flush=True)
+            log("bo_attack", f"{key} {name}: {r['success_rate_at_budget']}  ({r['wall_s']}s)")
             out["summary"] = {k: summary(v, budgets) for k, v in out["results"].items()}
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(args.out, out)  # partial results survive an interrupt
+            save()  # partial results survive an interrupt
     for res in out["results"].values():  # subset runs: every full run on the same images, like for like
         for r in res.values():
             if r["n_images"] < len(y):
@@ -339,14 +325,15 @@ def main() -> None:
                                               for k, v in res.items() if v["n_images"] == len(y)}
     if "acq" not in skip:
         out["acquisition_optimizer_timing"] = acq_optimizer_timing(a=4 if args.quick else 20)
-        print("acquisition optimizer timing:", out["acquisition_optimizer_timing"], flush=True)
+        log("bo_attack", f"acquisition optimizer timing: {out['acquisition_optimizer_timing']}")
         out["bo_step_scaling"] = bo_step_scaling((1, 4) if args.quick else (1, 8, 32, 100))
-        print("one BO step vs images batched:", out["bo_step_scaling"], flush=True)
+        log("bo_attack", f"one BO step vs images batched: {out['bo_step_scaling']}")
     out["summary"] = {k: summary(v, budgets) for k, v in out["results"].items()}
-    atomic_write_json(args.out, out)
+    save()
     print(json.dumps(out["summary"], indent=1))
-    print(f"wrote {args.out}")
+    log("bo_attack", f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

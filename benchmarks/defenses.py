@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning vs training from scratch on mnist5k (CPU), JSON out.
+"""Adversarial fine-tuning vs training from scratch on mnist5k, JSON out.
 
 1. A small CNN (``ibp-small``) is pretrained with standard training.
 2. Each method -- standard, PGD-AT, TRADES, TRADES+AWP, TRADES+RWP -- is trained from
@@ -12,14 +12,12 @@
 3. Step overheads: one TRADES step with K inner steps vs (K + 2) forward+backward passes of
    plain training on the same batch; the extra cost of AWP and RWP on top of TRADES.
 
-    python benchmarks/defenses.py [--quick] [--epochs E] [--threads 1] [--out benchmarks/results/defenses.json]
+    python -m benchmarks.defenses [--quick] [--epochs E] [--threads 1] [--device auto] [--runs DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -28,20 +26,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import defenses  # noqa: E402,F401
-from attacks.pgd import PGD  # noqa: E402
-from defenses.base import StepContext  # noqa: E402
-from robustkit.app.train import train  # noqa: E402
-from robustkit.config import TrainConfig, from_dict  # noqa: E402
-from robustkit.data import make_loader  # noqa: E402
-from robustkit.evaluate import clean_accuracy, robust_accuracy  # noqa: E402
-from robustkit.io import atomic_write_json  # noqa: E402
-from robustkit.registry import DEFENSES  # noqa: E402
-from robustkit.zoo import create, load  # noqa: E402
+import defenses  # noqa: F401  (registers every objective)
+from attacks import PGD
+from benchmarks._common import log, median_seconds, parser, setup, write_results
+from defenses.base import StepContext
+from robustkit.app.train import train
+from robustkit.config import TrainConfig, from_dict
+from robustkit.data import make_loader
+from robustkit.evaluate import clean_accuracy, robust_accuracy
+from robustkit.registry import DEFENSES
+from robustkit.zoo import create, load
 
 METHODS: dict[str, tuple[str, str | None]] = {  # label -> (defense, weight perturbation)
     "standard": ("standard", None), "pgd-at": ("pgd-at", None), "trades": ("trades", None),
@@ -77,31 +71,21 @@ def config(s: dict[str, Any], defense: str, wp: str | None, epochs: int, schedul
         "eval": {"n": 100, "attack": None, "best_by": "clean_accuracy"}})
 
 
-def run_one(cfg: TrainConfig, out: Path, loader, attack) -> dict[str, Any]:
-    run = train(cfg, out, torch.device("cpu"), progress=False)
+def run_one(cfg: TrainConfig, out: Path, loader, attack, device: torch.device) -> dict[str, Any]:
+    run = train(cfg, out, device, progress=False)
     secs = sum(r.get("train_seconds", 0.0) for r in run.metrics())
-    model = load(run.path / "checkpoints" / "last")
+    model = load(run.path / "checkpoints" / "last", map_location=device)
     return {"epochs": cfg.epochs, "train_seconds": secs,
             "clean_accuracy": clean_accuracy(model, loader)["clean_accuracy"],
             "pgd40_ce_accuracy": robust_accuracy(model, loader, attack[0])["robust_accuracy"],
             "pgd40_accuracy": robust_accuracy(model, loader, attack)["robust_accuracy"]}
 
 
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def overheads(s: dict[str, Any], repeat: int) -> dict[str, Any]:
+def overheads(s: dict[str, Any], repeat: int, device: torch.device) -> dict[str, Any]:
     """Seconds per training step (median) of TRADES (K inner steps), AWP / RWP on top, and plain passes."""
-    x, y = next(iter(make_loader("mnist5k", "train", batch_size=s["batch_size"], shuffle=False)))
+    x, y = next(iter(make_loader("mnist5k", "train", batch_size=s["batch_size"], shuffle=False, device=device)))
     torch.manual_seed(0)
-    model = create("ibp-small", 10, (1, 28, 28)).train()
+    model = create("ibp-small", 10, (1, 28, 28)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ctx = StepContext(0, 1, 0, 1, opt)
     k = s["steps"]
@@ -123,8 +107,10 @@ def overheads(s: dict[str, Any], repeat: int) -> dict[str, Any]:
 
     awp = DEFENSES.get("awp")(trades, warmup_epochs=0)
     rwp = DEFENSES.get("rwp")(trades, warmup_epochs=0, iterations=s["rwp_iterations"], c_min=100.0)  # all samples
-    t = {"trades": _time(lambda: step(trades), repeat), "passes": _time(passes, repeat),
-         "awp": _time(lambda: step(awp), repeat), "rwp": _time(lambda: step(rwp), repeat)}
+    t = {"trades": median_seconds(lambda: step(trades), device, repeat),
+         "passes": median_seconds(passes, device, repeat),
+         "awp": median_seconds(lambda: step(awp), device, repeat),
+         "rwp": median_seconds(lambda: step(rwp), device, repeat)}
     return {"batch_size": s["batch_size"], "inner_steps": k, "seconds": t,
             "trades_vs_k_plus_2_passes": t["trades"] / t["passes"],
             "awp_extra_vs_trades": t["awp"] / t["trades"] - 1.0,
@@ -132,50 +118,51 @@ def overheads(s: dict[str, Any], repeat: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small settings (a few minutes on 2 cores)")
+    ap = parser("defenses", __doc__)
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs E (scratch: 5E)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is best on busy machines)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "defenses.json"))
     ap.add_argument("--runs", default=None, help="keep the run directories here (default: a temp dir)")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    device = setup(a)
+    if a.runs:
+        return bench(a, device, Path(a.runs))
+    with tempfile.TemporaryDirectory(prefix="rk-defenses-") as work:
+        return bench(a, device, Path(work))
+
+
+def bench(a: argparse.Namespace, device: torch.device, work: Path) -> int:
     s = settings(a.quick, a.epochs)
     t_start = time.perf_counter()
-    work = Path(a.runs) if a.runs else Path(tempfile.mkdtemp(prefix="rk-defenses-"))
-    test = make_loader("mnist5k", "test", batch_size=500, n=s["n_eval"])
+    test = make_loader("mnist5k", "test", batch_size=500, n=s["n_eval"], device=device)
     # PGD-40 with CE, then (on the points still standing) with the margin loss: a confident standard
     # model's CE gradient underflows to 0 in float32 and CE-PGD alone then overstates robustness.
     attack = [PGD(norm="linf", eps=0.3, steps=40, step_size=0.01, loss=loss) for loss in ("ce", "margin")]
-    pre = run_one(config(s, "standard", None, s["pretrain_epochs"], "cosine", None), work / "pretrain", test, attack)
-    print(f"pretrained: {pre}", file=sys.stderr, flush=True)
+    pre = run_one(config(s, "standard", None, s["pretrain_epochs"], "cosine", None), work / "pretrain", test, attack,
+                  device)
+    log("defenses", f"pretrained: {pre}")
     rows = []
     for label, (defense, wp) in METHODS.items():
         for mode in ("scratch", "finetune"):
             cfg = config(s, defense, wp, s["epochs"] * (s["scratch_mult"] if mode == "scratch" else 1),
                          "cosine" if mode == "scratch" else "slow-start-fast-decay",
                          None if mode == "scratch" else str(work / "pretrain"))
-            r = {"method": label, "mode": mode, **run_one(cfg, work / f"{label}-{mode}", test, attack)}
+            r = {"method": label, "mode": mode, **run_one(cfg, work / f"{label}-{mode}", test, attack, device)}
             if mode == "finetune":
                 r["train_seconds_incl_pretraining"] = r["train_seconds"] + pre["train_seconds"]
             rows.append(r)
-            print(r, file=sys.stderr, flush=True)
+            log("defenses", str(r))
     by = {(r["method"], r["mode"]): r for r in rows}
     sc, ft = by[("trades", "scratch")], by[("trades", "finetune")]
     target = {"robust_ratio": ft["pgd40_accuracy"] / max(sc["pgd40_accuracy"], 1e-12),
               "cost_ratio": ft["train_seconds"] / sc["train_seconds"],
               "cost_ratio_incl_pretraining": ft["train_seconds_incl_pretraining"] / sc["train_seconds"]}
     target["met"] = target["robust_ratio"] >= 0.9 and target["cost_ratio"] <= 0.25
-    result = {"benchmark": "defenses", "quick": a.quick, "settings": s, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "platform": platform.platform(), "pretraining": pre, "rows": rows,
-              "target_trades_finetune_vs_scratch": target, "step_overheads": overheads(s, 3 if a.quick else 10),
-              "total_seconds": time.perf_counter() - t_start,
-              "note": "wall-clock on a shared CPU; train_seconds excludes evaluation"}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(a.out), result)
-    print(f"wrote {a.out}: TRADES fine-tune/scratch robust {target['robust_ratio']:.2f}, "
-          f"cost {target['cost_ratio']:.2f}; target met: {target['met']}")
+    body = {"settings": s, "pretraining": pre, "rows": rows, "target_trades_finetune_vs_scratch": target,
+            "step_overheads": overheads(s, 3 if a.quick else 10, device),
+            "total_seconds": time.perf_counter() - t_start,
+            "note": "wall-clock on a shared CPU; train_seconds excludes evaluation"}
+    write_results(a.out, "defenses", body, device=device, quick=a.quick)
+    log("defenses", f"wrote {a.out}: TRADES fine-tune/scratch robust {target['robust_ratio']:.2f}, "
+        f"cost {target['cost_ratio']:.2f}; target met: {target['met']}")
     return 0
 
 

@@ -1,14 +1,15 @@
 """IBP / CROWN-IBP benchmark: bound-pass cost and certified accuracy of an IBP-trained ibp-small.
 
-    python benchmarks/ibp.py [--quick] [--out benchmarks/results/ibp.json] [--device auto]
+    python -m benchmarks.ibp [--quick] [--device auto] [--epochs 50] [--batch-size 128]
 
-1. Cost, on ibp-small/medium/large at batch 128, MNIST shape (1, 28, 28), eval mode, no grad:
-   one forward pass vs one IBP margin-bound pass (target <= 2.5x a forward) vs one CROWN-IBP
-   pass (IBP + a backward pass with K-1 margins), plus one training step (forward + backward)
-   of the IBP / CROWN-IBP loss vs the nominal cross-entropy step. Median of repeats.
+1. Cost, on ibp-small/medium/large (``--quick``: small and medium) at batch 128, MNIST shape
+   (1, 28, 28), eval mode, no grad: one forward pass vs one IBP margin-bound pass (target <= 2.5x
+   a forward) vs one CROWN-IBP pass (IBP + a backward pass with K-1 margins), plus one training
+   step (forward + backward) of the IBP / CROWN-IBP loss vs the nominal cross-entropy step.
+   Median of repeats.
 2. Certified accuracy at eps = 0.1 (L-inf) on mnist5k/test (1,000 images) of ibp-small trained
-   with ``IBPTraining`` by the project's Trainer on mnist5k/train (4,000 images, batch 100, Adam
-   1e-3, decayed 10x at 75 % and 90 %), eps_train = 1.1 * eps, kappa 1 -> 0.5. Gowal et al.'s
+   with ``IBPTraining`` by the project's Trainer (once; cached) on mnist5k/train (4,000 images,
+   batch 100, Adam 1e-3, decayed 10x at 75 % and 90 %), eps_train = 1.1 * eps, kappa 1 -> 0.5. Gowal et al.'s
    fractions (warm-up 1/30, ramp 1/6 of 60k steps) are 2k + 10k steps; on a run of a few hundred
    steps they ramp eps within ~30 steps and the net collapses to a constant prediction, so this
    benchmark warms up for 10 % and ramps over 40 % of training. Reference: Gowal et al. 2018
@@ -18,50 +19,22 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-# benchmarks/certify.py would shadow the ``certify`` package: put the repository root first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from certify.ibp import certify, ibp_and_crown_margins, margin_bounds  # noqa: E402
-from defenses.ibp import IBPTraining  # noqa: E402
-from defenses.schedules import make_schedule  # noqa: E402
-from defenses.trainer import Trainer  # noqa: E402
-from robustkit.data import make_loader  # noqa: E402
-from robustkit.device import resolve_device, seed_everything  # noqa: E402
-from robustkit.zoo import RobustModel, create  # noqa: E402
+from benchmarks._common import Recipe, cached_model, log, median_seconds, parser, setup, write_results
+from certify.ibp import certify, ibp_and_crown_margins, margin_bounds
+from defenses.ibp import IBPTraining
+from robustkit.data import make_loader
+from robustkit.zoo import RobustModel, create
 
 GOWAL_MNIST_VERIFIED_EPS_0_1 = 0.9708
 ARCHS = ("ibp-small", "ibp-medium", "ibp-large")
 WARMUP, RAMP = 0.1, 0.4
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def cost(arch: str, device: torch.device, batch: int, repeats: int) -> dict[str, float]:
@@ -72,9 +45,9 @@ def cost(arch: str, device: torch.device, batch: int, repeats: int) -> dict[str,
     y = torch.randint(0, 10, (batch,), device=device)
     eps = 0.1
     with torch.no_grad():
-        fwd = _median_seconds(lambda: model(x), device, repeats)
-        ibp = _median_seconds(lambda: margin_bounds(model, x, y, eps), device, repeats)
-        crown = _median_seconds(lambda: ibp_and_crown_margins(model, x, y, eps), device, max(repeats // 2, 3))
+        fwd = median_seconds(lambda: model(x), device, repeats)
+        ibp = median_seconds(lambda: margin_bounds(model, x, y, eps), device, repeats)
+        crown = median_seconds(lambda: ibp_and_crown_margins(model, x, y, eps), device, max(repeats // 2, 3))
 
     def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -83,9 +56,9 @@ def cost(arch: str, device: torch.device, batch: int, repeats: int) -> dict[str,
         return run
 
     model.train()
-    nominal_step = _median_seconds(step(lambda: F.cross_entropy(model(x), y)), device, repeats)
-    ibp_step = _median_seconds(step(lambda: IBPTraining(eps=eps).loss(model, x, y)[0]), device, repeats)
-    crown_step = _median_seconds(step(lambda: _crown_loss(model, x, y, eps)), device, max(repeats // 2, 3))
+    nominal_step = median_seconds(step(lambda: F.cross_entropy(model(x), y)), device, repeats)
+    ibp_step = median_seconds(step(lambda: IBPTraining(eps=eps).loss(model, x, y)[0]), device, repeats)
+    crown_step = median_seconds(step(lambda: _crown_loss(model, x, y, eps)), device, max(repeats // 2, 3))
     return {"forward_s": fwd, "ibp_pass_s": ibp, "crown_ibp_pass_s": crown,
             "ibp_over_forward": ibp / fwd, "crown_ibp_over_forward": crown / fwd,
             "train_step_nominal_s": nominal_step, "train_step_ibp_s": ibp_step, "train_step_crown_ibp_s": crown_step,
@@ -99,19 +72,12 @@ def _crown_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     return d.loss(model, x, y)[0]
 
 
-def train_ibp_small(device: torch.device, epochs: int, eps: float, batch: int) -> tuple[RobustModel, dict]:
-    seed_everything(0)
-    model = create("ibp-small", 10, (1, 28, 28)).to(device)
-    loader = make_loader("mnist5k", "train", batch_size=batch, device=device, seed=0)
-    defense = IBPTraining(eps=eps, warmup_fraction=WARMUP, ramp_fraction=RAMP)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    schedule = make_schedule("step", milestones=(0.75, 0.9), gamma=0.1)
-    t0 = time.perf_counter()
-    history = Trainer(model, defense, loader, epochs=epochs, optimizer=opt, schedule=schedule, progress=False).fit()
-    info = {"epochs": epochs, "steps": epochs * len(loader), "batch_size": batch, "train_images": len(loader.data),
-            "train_seconds": time.perf_counter() - t0, "defense": defense.params(),
-            "final_train": {k: v for k, v in history[-1].items() if k.startswith("train_")}}
-    return model.eval(), info
+def train_ibp_small(device: torch.device, epochs: int, eps: float, batch: int) -> tuple[RobustModel, dict[str, Any]]:
+    """ibp-small, ``IBPTraining`` (eps_train 1.1 eps), Adam 1e-3, LR x0.1 at 75 % and 90 %; cached."""
+    recipe = Recipe("ibp-ibp-small-mnist5k", "ibp-small", epochs=epochs, lr=1e-3, batch_size=batch, defense="ibp",
+                    defense_params={"eps": eps, "warmup_fraction": WARMUP, "ramp_fraction": RAMP},
+                    schedule="step", schedule_params={"milestones": [0.75, 0.9], "gamma": 0.1})
+    return cached_model(recipe, device)
 
 
 @torch.no_grad()
@@ -127,40 +93,31 @@ def certified_accuracy(model: RobustModel, device: torch.device, eps: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats, 20 training epochs")
-    p.add_argument("--out", default="benchmarks/results/ibp.json")
-    p.add_argument("--device", default="auto")
+    p = parser("ibp", __doc__)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 50, quick 20)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 50, quick 10)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    repeats = 5 if args.quick else 20
-    epochs = args.epochs or (20 if args.quick else 50)
+    device = setup(args)
+    repeats = 3 if args.quick else 20
+    epochs = args.epochs or (10 if args.quick else 50)
     eps = 0.1
-    res: dict = {"benchmark": "ibp", "quick": args.quick, "device": str(device), "torch": torch.__version__,
-                 "platform": platform.platform(), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                 "input_shape": [1, 28, 28], "cost": {}}
-    for arch in ARCHS:
-        res["cost"][arch] = cost(arch, device, args.batch_size, repeats)
-        c = res["cost"][arch]
-        print(f"{arch}: IBP {c['ibp_over_forward']:.2f}x forward, CROWN-IBP {c['crown_ibp_over_forward']:.2f}x; "
-              f"train step IBP {c['train_ibp_over_nominal']:.2f}x nominal", file=sys.stderr)
+    archs = ARCHS[:2] if args.quick else ARCHS      # a CROWN-IBP step of ibp-large takes ~20 s on 2 cores
+    body: dict[str, Any] = {"batch_size": args.batch_size, "input_shape": [1, 28, 28], "archs": list(archs),
+                            "cost": {}}
+    for arch in archs:
+        body["cost"][arch] = c = cost(arch, device, args.batch_size, repeats)
+        log("ibp", f"{arch}: IBP {c['ibp_over_forward']:.2f}x forward, CROWN-IBP {c['crown_ibp_over_forward']:.2f}x; "
+            f"train step IBP {c['train_ibp_over_nominal']:.2f}x nominal")
     model, info = train_ibp_small(device, epochs, eps, batch=100)
     acc = certified_accuracy(model, device, eps)
-    res["certified"] = {"model": "ibp-small", "dataset": "mnist5k", "eps": eps, "norm": "linf", "training": info,
-                        **acc, "reference": {"paper": "Gowal et al. 2018", "dataset": "MNIST (60k train)",
-                                             "steps": 60_000, "verified_accuracy": GOWAL_MNIST_VERIFIED_EPS_0_1}}
-    print(f"ibp-small on mnist5k eps={eps}: clean {acc['clean_accuracy']:.4f}, certified IBP "
-          f"{acc['certified_accuracy_ibp']:.4f}, CROWN-IBP {acc['certified_accuracy_crown-ibp']:.4f} "
-          f"(Gowal et al. full MNIST: {GOWAL_MNIST_VERIFIED_EPS_0_1:.4f})", file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(out)
+    body["certified"] = {"model": "ibp-small", "dataset": "mnist5k", "eps": eps, "norm": "linf", "training": info,
+                         **acc, "reference": {"paper": "Gowal et al. 2018", "dataset": "MNIST (60k train)",
+                                              "steps": 60_000, "verified_accuracy": GOWAL_MNIST_VERIFIED_EPS_0_1}}
+    log("ibp", f"ibp-small on mnist5k eps={eps}: clean {acc['clean_accuracy']:.4f}, certified IBP "
+        f"{acc['certified_accuracy_ibp']:.4f}, CROWN-IBP {acc['certified_accuracy_crown-ibp']:.4f} "
+        f"(Gowal et al. full MNIST: {GOWAL_MNIST_VERIFIED_EPS_0_1:.4f})")
+    write_results(args.out, "ibp", body, device=device, quick=args.quick)
+    log("ibp", f"wrote {args.out}")
     return 0
 
 
