@@ -14,6 +14,7 @@ from torch import nn
 from attacks._oracle import LabelOracle, QueryBudgetError
 from attacks._subspace import latent_dim, to_image
 from attacks.bo_hard_label import BOHardLabel
+from robustkit.errors import InputError
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel
 
@@ -182,13 +183,13 @@ def test_subspace_maps() -> None:
 
 
 def test_registry_and_cli_introspection() -> None:
-    from robustkit.commands.attack import attack_kwargs, build_attacks
+    from robustkit.app.build import attack_kwargs, build_chain
 
     assert ATTACKS.get("bo-hard-label") is BOHardLabel
     accepted, required, _ = attack_kwargs(BOHardLabel)
     assert {"norm", "eps", "max_queries", "subspace", "dim", "n_init", "acquisition", "targeted", "seed"} <= accepted
     assert required == {"eps"}
-    (a,) = build_attacks(["bo-hard-label"], {"eps": 0.3, "max_queries": 50, "subspace": "upsample"}, seed=3)
+    (a,) = build_chain(["bo-hard-label"], {"eps": 0.3, "max_queries": 50, "subspace": "upsample"}, seed=3)
     assert a.max_queries == 50 and a.seed == 3 and a.params()["subspace"] == "upsample"
 
 
@@ -200,15 +201,15 @@ def test_registry_and_cli_introspection() -> None:
     ({"trust_region": "maybe"}, "trust_region"), ({"latent_radius": 0.0}, "latent_radius"),
 ])
 def test_bad_input(kw: dict, words: str) -> None:
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(InputError, match=words):
         BOHardLabel(**{"eps": 0.3, **kw})
 
 
 def test_dim_too_large_for_images() -> None:
     x, y = images([0.4])
-    with pytest.raises(ValueError, match="too large"):
+    with pytest.raises(InputError, match="too large"):
         BOHardLabel(eps=0.3, subspace="fft", dim=6, max_queries=5)(MeanThreshold(), x, y)  # fft on 8x8: dim <= 5
-    with pytest.raises(ValueError, match="too large"):
+    with pytest.raises(InputError, match="too large"):
         BOHardLabel(eps=0.3, subspace="upsample", dim=9, max_queries=5)(MeanThreshold(), x, y)
 
 

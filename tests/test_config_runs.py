@@ -9,7 +9,7 @@ from defenses.standard import Standard
 from defenses.trainer import Trainer, make_optimizer
 from robustkit.config import TrainConfig, dump_yaml, load_config
 from robustkit.data import make_loader
-from robustkit.errors import CheckpointError, ConfigError
+from robustkit.errors import CheckpointError, ConfigError, InputError
 from robustkit.io import atomic_write_text
 from robustkit.runs import RunDir
 from robustkit.zoo import create
@@ -125,5 +125,5 @@ def test_schedules_shapes():
     assert cos(0.0) == 0.0 and cos(0.1) == pytest.approx(1.0) and cos(1.0) == pytest.approx(0.0)
     st = make_schedule("step", milestones=[0.5], gamma=0.1)
     assert st(0.4) == 1.0 and st(0.6) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="unknown LR schedule 'wavy'"):
+    with pytest.raises(InputError, match="unknown LR schedule 'wavy'"):
         make_schedule("wavy")

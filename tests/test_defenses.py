@@ -16,6 +16,7 @@ import defenses  # noqa: F401  (registers the objectives)
 from defenses.base import StepContext
 from defenses.schedules import lr_lambda, make_schedule
 from robustkit.data import make_loader
+from robustkit.errors import InputError
 from robustkit.registry import DEFENSES
 from robustkit.zoo import RobustModel
 
@@ -194,7 +195,7 @@ def test_rwp_loss_stationary_condition(batch):
     (lambda: DEFENSES.get("awp")("nope"), "valid defenses"),
 ])
 def test_bad_hyperparameters_are_clear_errors(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         bad()
 
 
@@ -230,7 +231,7 @@ def test_slow_start_fast_decay_shape():
     lam = lr_lambda(f, 10)
     assert [round(lam(s), 3) for s in (0, 5, 10)] == [0.0, 1.0, 0.0]
     for bad in ({"peak_at": 1.0}, {"start": -0.1}, {"decay_power": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(InputError):
             make_schedule("slow-start-fast-decay", **bad)
     for name in ("constant", "cosine", "step", "linear"):  # the other schedules still work
         assert make_schedule(name)(0.0) > 0

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from robustkit.errors import InputError
 from robustkit.registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry, RegistryError
 from robustkit.threat import ThreatModel, parse_eps
 
@@ -50,14 +51,14 @@ def test_parse_eps(text, value):
 
 @pytest.mark.parametrize("bad", ["-1", -0.1, "abc", "1/0", "nan", float("inf"), True, None, [1]])
 def test_parse_eps_errors(bad):
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(InputError, match="eps"):
         parse_eps(bad)
 
 
 def test_threat_validation():
-    with pytest.raises(ValueError, match="unknown norm 'l3'; allowed: linf, l2"):
+    with pytest.raises(InputError, match="unknown norm 'l3'; allowed: linf, l2"):
         ThreatModel("l3", 0.1)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(InputError, match="eps must be >= 0"):
         ThreatModel("linf", -0.1)
     assert ThreatModel("Linf", "8/255").eps == pytest.approx(8 / 255)
 

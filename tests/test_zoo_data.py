@@ -42,6 +42,26 @@ def test_timm_torchvision_roundtrip(arch, shape, tmp_path):
     assert torch.allclose(m(x), load(tmp_path)(x))
 
 
+def test_residual_nets_share_one_block_and_keep_their_checkpoint_layout():
+    """PreAct ResNet-18 and WideResNet are built from the one pre-activation block; the state-dict
+    keys and sizes are those of the checkpoints saved before the two block classes were merged."""
+    from robustkit.nets import PreActBlock
+
+    wrn = create("wrn", 10, (3, 32, 32), depth=10, widen_factor=2).net
+    pre = create("preact-resnet18", 10, (3, 32, 32)).net
+    assert {type(b) for b in wrn.blocks} == {type(b) for b in pre.layers} == {PreActBlock}
+    w, p = wrn.state_dict(), pre.state_dict()
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert [k for k in w if k.startswith("blocks.0.")] == [
+        *(f"blocks.0.bn1.{k}" for k in bn), "blocks.0.conv1.weight", *(f"blocks.0.bn2.{k}" for k in bn),
+        "blocks.0.conv2.weight", "blocks.0.shortcut.weight"]
+    assert [k for k in w if "shortcut" in k] == [f"blocks.{i}.shortcut.weight" for i in (0, 1, 2)]
+    assert tuple(w["blocks.0.shortcut.weight"].shape) == (32, 16, 1, 1)
+    assert (len(w), sum(v.numel() for v in w.values())) == (47, 304_641)
+    assert [k for k in p if "shortcut" in k] == [f"layers.{i}.shortcut.weight" for i in (2, 4, 6)]
+    assert (len(p), sum(v.numel() for v in p.values())) == (107, 11_179_995)
+
+
 def test_normalization_is_inside_the_model():
     m = create("ibp-small", 10, (1, 28, 28), mean=[0.5], std=[0.25]).eval()
     x = torch.rand(3, 1, 28, 28)
