@@ -5,8 +5,11 @@ ad-hoc ``raise ValueError`` lines."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, TypeVar
+
+import torch
 
 from robustkit.errors import InputError
 
@@ -14,8 +17,8 @@ T = TypeVar("T")
 
 
 def integer(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An ``int`` (not a bool) within ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (``int`` or a NumPy integer; not a bool) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
@@ -26,17 +29,11 @@ def integer(name: str, value: Any, minimum: int | None = None, maximum: int | No
 
 def number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *,
            strict_min: bool = False, strict_max: bool = False) -> float:
-    """A finite real number within the bounds (``strict_*``: the bound itself is excluded)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            import torch
-
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = float(value)
-            else:
-                raise TypeError
-        except (ImportError, TypeError):
-            raise InputError(f"{name} must be a number, got {value!r}") from None
+    """A finite real number within the bounds (``strict_*``: the bound itself is excluded); Python and
+    NumPy numbers and one-element tensors are accepted, bools and strings are not."""
+    scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar_tensor):
+        raise InputError(f"{name} must be a number, got {value!r}")
     v = float(value)
     if not math.isfinite(v):
         raise InputError(f"{name} must be finite, got {v}")
