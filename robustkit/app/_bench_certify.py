@@ -1,5 +1,14 @@
-"""The benchmark's certificates: deterministic (IBP / CROWN-IBP, injected certifiers) at eps and
-randomized-smoothing certificates of the smoothed classifier, per model (see robustkit.app.benchmark)."""
+"""The benchmark's certificates, on the one certification pipeline (``robustkit.app.certify``):
+deterministic ones (IBP / CROWN-IBP, and injected at-eps certifiers) and randomized-smoothing
+certificates of the smoothed classifier, per model (see ``robustkit.app.benchmark``).
+
+Built-in certifiers run through ``certify_points`` with the benchmark's seed and the images'
+indices, so their per-image certificates equal ``robustkit certify``'s and the quickstart's
+for the same model, images, seed and settings. Each record holds the pipeline's results
+schema (curve on the one radius grid, ACR, per-image records) plus ``status`` and, at the
+threat eps, ``certified_acc``; the per-point "certified at eps" flags (``radius >= eps``)
+feed the benchmark's soundness check.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +18,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustkit.app._bench_report import acc
+from robustkit.app.certify import Points, certified_at, certify_points
 
 CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing")
-# a deterministic certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
+# an injected deterministic at-eps certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
 Certifier = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
+SMOOTHING_BATCH = 1000        # noisy rows per forward pass at least (results do not depend on it)
 
-# -- certificates ------------------------------------------------------------------------------
+
 def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, bs: int,
              dev: torch.device) -> torch.Tensor:
     """``fn`` over batches of ``x (N, C, H, W)``, ``y (N,)`` on ``dev``; the ``(N,)`` outputs on CPU."""
     return torch.cat([fn(x[i:i + bs].to(dev), y[i:i + bs].to(dev)).cpu() for i in range(0, x.shape[0], bs)])
 
 
-def _ibp(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor,
-         s: dict[str, Any], dev: torch.device) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Built-in IBP / CROWN-IBP: certified flags at eps ``(N,)`` and certified accuracy vs eps (radii)."""
-    from certify.ibp import certified_radius, certify
-
-    eps, bs = s["eps"], s["batch_size"]
-    flags = _batched(lambda xb, yb: certify(model, xb, yb, eps, method, "linf"), x, y, bs, dev)
-    top = 2 * eps if eps > 0 else 0.1
-    r = _batched(lambda xb, yb: certified_radius(model, xb, yb, method, tol=top / 64, max_eps=top), x, y, bs, dev)
-    grid = [round(top * k / 20, 8) for k in range(21)]
-    return flags, {"eps": grid, "certified_acc": [acc((r >= g) & correct) for g in grid]}
+def _record(res: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark record from the pipeline's results (its schema, less what the entry already says)."""
+    return {"status": "ok", **{k: v for k, v in res.items() if k not in ("format", "dataset")}}
 
 
 def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor,
                           s: dict[str, Any], certifiers: dict[str, Certifier], seconds: dict[str, float]
                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Deterministic certificates at eps: ``({name: JSON record}, {name: (N,) bool certified})``.
-    Injected ``certifiers`` run on every model; built-in IBP only on L-inf threat models."""
-    from certify.ibp import UnsupportedLayerError
+    """Deterministic certificates at eps: ``({name: JSON record}, {name: (N,) bool certified at eps})``.
+    Injected ``certifiers`` run on every model; built-in IBP / CROWN-IBP only on L-inf threat models,
+    with their one default bisection (``certify.ibp.IBPCertifier``) split at the benchmark's eps."""
+    import certify  # noqa: F401  (registers the certifiers)
+    from certify._layers import UnsupportedLayerError
+    from robustkit.registry import CERTIFIERS
 
     dev, eps, norm = next(model.parameters()).device, s["eps"], s["norm"]
     names = [c for c in s["certify"] if c != "smoothing"] + [c for c in certifiers if c not in s["certify"]]
@@ -60,8 +65,11 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
                 records[c] = {"status": "n/a", "reason": f"{c} is benchmarked on L-inf threat models, this is {norm}"}
                 continue
             else:
-                flags[c], curve = _ibp(model, c, x, y, correct, s, dev)
-                records[c] = {"status": "ok", "deterministic": True, "eps": eps, "curve": curve}
+                certifier = CERTIFIERS.get(c)(norm="linf", eps=eps, batch_size=s["batch_size"])
+                res = certify_points(model, Points.first(x, y, s["dataset"]), certifier, seed=s["seed"],
+                                     progress=False)
+                flags[c] = certified_at(res, eps)                              # (N,) radius >= eps, correct
+                records[c] = {**_record(res), "eps": eps}
         except UnsupportedLayerError as e:
             records[c] = {"status": "n/a", "reason": str(e)}
             continue
@@ -77,26 +85,19 @@ def certify_smoothing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dic
     if sigma is None:
         return {"status": "n/a", "reason": "no sigma: pass --sigma, or benchmark a run trained with the noise "
                                            "defense (its config's defense.params.sigma is used)"}
-    from certify.smoothing import Smooth
+    from certify.smoothing import SmoothingCertifier
 
-    sm, dev = s["smoothing"], next(model.parameters()).device
+    sm = s["smoothing"]
     m = min(int(sm["n_images"]), x.shape[0])
-    smooth = Smooth(model, int(model.num_classes), float(sigma))
-    torch.manual_seed(s["seed"])
+    certifier = SmoothingCertifier(sigma=float(sigma), n0=sm["n0"], n=sm["n"], alpha=sm["alpha"],
+                                   batch_size=max(s["batch_size"], SMOOTHING_BATCH))
     t0 = time.perf_counter()
-    ok, radius = [], []
-    for i in tqdm(range(0, m, 8), desc="smoothing", disable=not progress, leave=False):
-        j = slice(i, min(i + 8, m))
-        cert = smooth.certify(x[j].to(dev), sm["n0"], sm["n"], sm["alpha"], max(s["batch_size"], 1000))
-        ok.append((cert.prediction.cpu() == y[j]) & ~cert.abstained.cpu())
-        radius.append(cert.radius.cpu().float())
-    ok_t, r_t = torch.cat(ok), torch.cat(radius)                               # (m,), (m,)
-    grid = [round(sigma * k / 4, 8) for k in range(13)]
+    res = certify_points(model, Points.first(x[:m], y[:m], s["dataset"]), certifier, seed=s["seed"],
+                         progress=progress)
     seconds["certify_smoothing"] = time.perf_counter() - t0
-    rec = {"status": "ok", "sigma": sigma, "n0": sm["n0"], "n": sm["n"], "alpha": sm["alpha"], "n_images": m,
-           "guarantee": "certifies the smoothed classifier (Cohen et al. 2019), not the base model; each "
-                        f"certificate holds with probability >= {1 - sm['alpha']:g}",
-           "curve": {"radius": grid, "certified_acc": [acc(ok_t & (r_t >= g)) for g in grid]}}
+    rec = {**_record(res), "sigma": float(sigma), "n0": sm["n0"], "n": sm["n"], "alpha": sm["alpha"], "n_images": m,
+           "guarantee": "certifies the smoothed classifier (Cohen et al. 2019), not the base model; "
+                        + res["guarantee"]}
     if s["norm"] == "l2":
-        rec["certified_acc"] = acc(ok_t & (r_t >= s["eps"]))
+        rec["certified_acc"] = acc(certified_at(res, s["eps"]))
     return rec

@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from robustkit.config import TrainConfig, from_dict
 from robustkit.data import load_data
-from robustkit.evaluate import predict
 from robustkit.io import atomic_write_json
-from robustkit.report import line_plot, md_table, write_markdown
+from robustkit.report import md_table, write_markdown
 from robustkit.zoo import load
 
 
@@ -141,56 +139,38 @@ def _load_json(p: Path) -> dict[str, Any]:
 
 
 def certify_stage(out: Path, s: Settings, device: torch.device, progress: bool) -> None:
-    from certify.ibp import certified_radius
-    from certify.smoothing import Smooth
+    """Smoothing radii (L2) of the noise model; IBP radii (L-inf) of the IBP model and, for contrast,
+    of the standard one -- on the one certification pipeline (``robustkit.app.certify``), seed 0
+    (the CLI's and the benchmark's default), each run resumable under ``out/certify/<run>``."""
+    from certify.ibp import IBPCertifier
+    from certify.smoothing import SmoothingCertifier
+    from robustkit.app._certify_report import plot_curves, write_outputs
+    from robustkit.app.certify import Points, certify_points
 
     test = load_data("mnist5k", "test")
-    res: dict[str, Any] = {"settings": asdict(s)}
-    # randomized smoothing (Cohen et al. 2019): L2 radii of the smoothed noise-trained model
-    model = load(out / "noise", map_location=device)
-    x, y = test.tensors(s.smoothing_images)
-    smooth = Smooth(model, model.num_classes, s.sigma)
-    preds, radii, abst = [], [], []
-    t0 = time.perf_counter()
-    for i in tqdm(range(0, len(y), 10), desc="smoothing", disable=not progress, leave=False):
-        c = smooth.certify(x[i:i + 10].to(device), n0=s.smoothing_n0, n=s.smoothing_n, alpha=s.alpha,
-                           batch_size=1000)
-        preds.append(c.prediction.cpu())
-        radii.append(c.radius.cpu())
-        abst.append(c.abstained.cpu())
-    pred, rad, ab = torch.cat(preds), torch.cat(radii), torch.cat(abst)
-    ok = (pred == y) & ~ab
-    grid = [round(r, 3) for r in torch.linspace(0, 2 * s.sigma * 2, 17).tolist()]
-    res["smoothing"] = {"sigma": s.sigma, "n0": s.smoothing_n0, "n": s.smoothing_n, "alpha": s.alpha,
-                        "images": len(y), "seconds": time.perf_counter() - t0,
-                        "clean_accuracy_smoothed": float(((pred == y) & ~ab).float().mean()),
-                        "abstained": float(ab.float().mean()),
-                        "curve": {"radius": grid, "certified_accuracy": [float((ok & (rad >= r)).float().mean())
-                                                                         for r in grid]}}
-    # IBP (Gowal et al. 2018): L-inf radii of the IBP-trained model, and of the standard one for contrast
-    x, y = test.tensors(s.ibp_images)
-    res["ibp"] = {}
-    for name in ("ibp", "standard"):
-        m = load(out / name, map_location=device)
-        t0 = time.perf_counter()
-        r = torch.cat([certified_radius(m, x[i:i + 500].to(device), y[i:i + 500].to(device), method="ibp",
-                                        tol=1e-3, max_eps=0.5).cpu() for i in range(0, len(y), 500)])
-        r = torch.where(predict(m, x) == y, r, torch.full_like(r, -1.0))  # misclassified: certified at no radius
-        eps_grid = [round(e, 3) for e in torch.linspace(0, 0.3, 13).tolist()]
-        res["ibp"][name] = {"images": len(y), "seconds": time.perf_counter() - t0,
-                            f"certified_accuracy_at_{s.ibp_eps}": float((r >= s.ibp_eps).float().mean()),
-                            "curve": {"eps": eps_grid, "certified_accuracy": [float((r >= e).float().mean())
-                                                                              for e in eps_grid]}}
     d = out / "certify"
-    (d / "plots").mkdir(parents=True, exist_ok=True)
-    sm = res["smoothing"]["curve"]
-    line_plot(d / "plots" / "smoothing_certified_accuracy.png",
-              {f"noise model, sigma={s.sigma}": (sm["radius"], sm["certified_accuracy"])},
-              "L2 radius", "certified accuracy", title="randomized smoothing (mnist5k)", step=True)
-    line_plot(d / "plots" / "ibp_certified_accuracy.png",
-              {f"{k} model": (v["curve"]["eps"], v["curve"]["certified_accuracy"]) for k, v in res["ibp"].items()},
-              "L-inf eps", "certified accuracy", title="IBP (mnist5k)", step=True)
-    atomic_write_json(d / "results.json", res)
+    smoothing = SmoothingCertifier(sigma=s.sigma, n0=s.smoothing_n0, n=s.smoothing_n, alpha=s.alpha)
+    ibp = IBPCertifier(eps=s.ibp_eps)                     # the one default bisection: tol 1e-3 on [0, 1]
+    runs = {"smoothing-noise": ("noise", smoothing, s.smoothing_images),
+            "ibp-ibp": ("ibp", ibp, s.ibp_images), "ibp-standard": ("standard", ibp, s.ibp_images)}
+    done: dict[str, dict[str, Any]] = {}
+    for run, (name, certifier, n) in runs.items():
+        model = load(out / name, map_location=device)
+        points = Points.first(*test.tensors(n), "mnist5k")
+        done[run] = certify_points(model, points, certifier, seed=0, resume=True, out=d / run, progress=progress)
+        write_outputs(d / run, done[run], model=str(out / name))
+    plot_curves(d / "plots" / "smoothing_certified_accuracy.png", {f"noise model, sigma={s.sigma}":
+                                                                    done["smoothing-noise"]},
+                title="randomized smoothing (mnist5k)")
+    plot_curves(d / "plots" / "ibp_certified_accuracy.png",
+                {"ibp model": done["ibp-ibp"], "standard model": done["ibp-standard"]}, title="IBP (mnist5k)")
+    atomic_write_json(d / "results.json", {"settings": asdict(s), "smoothing": done["smoothing-noise"],
+                                           "ibp": {"ibp": done["ibp-ibp"], "standard": done["ibp-standard"]}})
+
+
+def _certified_at(res: dict[str, Any], radius: float) -> float:
+    recs = res["per_sample"]
+    return sum(r["correct"] and r["radius"] >= radius for r in recs) / max(len(recs), 1)
 
 
 def benchmark_stage(out: Path, s: Settings, device: torch.device) -> None:
@@ -226,16 +206,17 @@ def write_report(out: Path, s: Settings, timings: dict[str, float]) -> Path:
     if bench.get("flags"):
         parts.append(f"\nConsistency flags: `{json.dumps(bench['flags'])[:800]}`\n")
     if cert:
-        sm = cert["smoothing"]
+        sm, p = cert["smoothing"], cert["smoothing"]["params"]
         parts.append("\n## Certified robustness\n\nRandomized smoothing (Cohen et al. 2019) of the noise-trained "
-                     "model, "
-                     f"sigma={sm['sigma']}, n0={sm['n0']}, n={sm['n']}, alpha={sm['alpha']}, {sm['images']} images "
-                     f"(guarantee holds with probability >= 1 - alpha per image):\n\n")
+                     f"model, sigma={p['sigma']}, n0={p['n0']}, n={p['n']}, alpha={p['alpha']}, {sm['n']} images "
+                     f"(guarantee holds with probability >= 1 - alpha per image); average certified radius "
+                     f"{sm['average_certified_radius']:.3f} ([report](certify/smoothing-noise/report.md)):\n\n")
         parts.append(md_table([{"L2 radius": r, "certified accuracy": a} for r, a in
                                zip(sm["curve"]["radius"][::2], sm["curve"]["certified_accuracy"][::2])]))
         parts.append("\n![smoothing](certify/plots/smoothing_certified_accuracy.png)\n\nIBP (deterministic) "
                      f"certified accuracy at L-inf eps={s.ibp_eps}: " + ", ".join(
-                         f"{k} model {v[f'certified_accuracy_at_{s.ibp_eps}']:.3f}" for k, v in cert["ibp"].items())
+                         f"{k} model {_certified_at(v, s.ibp_eps):.3f} (ACR {v['average_certified_radius']:.3f})"
+                         for k, v in cert["ibp"].items())
                      + " (Gowal et al. 2018 report 97.08% verified at eps=0.1 on full MNIST with 60k training "
                        "images, a larger model and 100 epochs).\n\n![ibp](certify/plots/ibp_certified_accuracy.png)\n")
     parts.append("\n## Training curves\n\n")
