@@ -209,8 +209,8 @@ def _settle(rows: Rows, record: Record, n_forwards: int, unique: bool) -> None:
     record.loss[own[w]] = rows["bl"][w]
 
 
-def clean_logits(model: nn.Module, x: torch.Tensor, record: Record, opts: LoopOptions) -> torch.Tensor:
-    """Logits of the clean images ``(B, K)`` in float32 (one counted forward per sample)."""
+def logits_counted(model: nn.Module, x: torch.Tensor, record: Record, opts: LoopOptions) -> torch.Tensor:
+    """Logits ``(B, K)`` of ``x`` in float32 without gradients (one counted forward per sample)."""
     with torch.no_grad():
         logits = opts.forward(model, x).float()
     record.queries += 1
@@ -221,5 +221,5 @@ def clean_logits(model: nn.Module, x: torch.Tensor, record: Record, opts: LoopOp
 def judge(model: nn.Module, x_adv: torch.Tensor, label: torch.Tensor, targeted: bool, record: Record,
           opts: LoopOptions) -> torch.Tensor:
     """Goal reached, judged on ``x_adv (B, C, H, W)`` itself (one counted forward): ``(B,)`` bool."""
-    pred = clean_logits(model, x_adv, record, opts).argmax(1)
+    pred = logits_counted(model, x_adv, record, opts).argmax(1)
     return (pred == label) if targeted else (pred != label)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from attacks._compact import DEFAULT_SEED, compact_every, expand_as_image, make_generator
-from attacks._loop import LoopOptions, Record, Rows, clean_logits, judge, run
+from attacks._loop import LoopOptions, Record, Rows, judge, logits_counted, run
 from attacks._losses import check_classes, loss_fn
 from attacks.base import Attack, AttackResult
 from robustkit.errors import InputError
@@ -160,7 +160,7 @@ class APGD(Attack):
         opts = LoopOptions(compact_every(x.device) if self.early_stop else None, self.amp, self.channels_last,
                            make_generator(x.device, self.seed))
         record = Record.start(x)
-        logits0 = clean_logits(model, x, record, opts)                     # (B, K)
+        logits0 = logits_counted(model, x, record, opts)                     # (B, K)
         check_classes(self.loss, logits0.shape[1])
         pred0 = logits0.argmax(1)
         record.fooled = (pred0 == y) if self.targeted else (pred0 != y)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attacks._compact import DEFAULT_SEED, compact_every, make_generator
-from attacks._loop import LoopOptions, Record, clean_logits
+from attacks._loop import LoopOptions, Record, logits_counted
 from attacks._losses import check_classes
 from attacks.apgd import apgd_stage, apgd_targeted, finish
 from attacks.base import Attack, AttackResult
@@ -66,7 +66,7 @@ class FastEnsemble(Attack):
         tm = self._tm
         opts = LoopOptions(compact_every(x.device), self.amp, self.channels_last, make_generator(x.device, self.seed))
         record = Record.start(x)
-        logits0 = clean_logits(model, x, record, opts)                     # (B, K)
+        logits0 = logits_counted(model, x, record, opts)                     # (B, K)
         for stage in self.stages():
             check_classes("dlr-targeted" if stage == "apgd-t" else stage.removeprefix("apgd-"), logits0.shape[1])
         record.fooled = logits0.argmax(1) != y
