@@ -13,7 +13,8 @@ class Liar(Attack):
 
     - ``outside``: ``1 - x`` (the label may well flip, but it is far outside any small ball);
     - ``clean``: ``x`` itself (inside the ball, the label does not flip);
-    - ``box``: ``x`` with one pixel pushed to ``-0.01`` (inside the ball, outside ``[0, 1]``).
+    - ``box``: a real PGD adversarial with one corner pixel set to ``-0.01`` (label flipped where
+      PGD succeeded, inside the ball for MNIST's black corners, outside ``[0, 1]``).
     """
 
     name = "liar"
@@ -24,10 +25,13 @@ class Liar(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         if self.how == "outside":
             x_adv = 1.0 - x
+        elif self.how == "box":
+            from attacks.pgd import PGD
+
+            x_adv = PGD(norm=self.norm, eps=self.eps - 0.011, steps=10, seed=0)(model, x, y).x_adv.clone()
+            x_adv[:, 0, 0, 0] = -0.01
         else:
             x_adv = x.clone()
-            if self.how == "box":
-                x_adv[:, 0, 0, 0] = -0.01
         b = x.shape[0]
         return AttackResult(x_adv, torch.ones(b, dtype=torch.bool, device=x.device),
                             torch.ones(b, dtype=torch.long, device=x.device))
@@ -46,3 +50,23 @@ class PerSample(Attack):
         parts = [self.inner(model, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]
         return AttackResult(torch.cat([p.x_adv for p in parts]), torch.cat([p.success for p in parts]),
                             torch.cat([p.queries for p in parts]))
+
+
+class WrongTarget(Attack):
+    """Targeted in name only: moves away from the model's clean label (untargeted PGD, inside the
+    ball) and claims every point, whichever class it lands on. Records the targets it was given."""
+
+    name = "wrong-target"
+    targeted = True
+
+    def __init__(self, *, eps: float = 0.3) -> None:
+        from attacks.pgd import PGD
+
+        self.norm, self.eps, self.inner, self.seen = "linf", eps, PGD(eps=eps, steps=10, seed=0), []
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        self.seen.append(y.clone())
+        with torch.no_grad():
+            y0 = model(x).argmax(1)
+        res = self.inner(model, x, y0)
+        return AttackResult(res.x_adv, torch.ones_like(res.success), res.queries)

@@ -208,3 +208,45 @@ def test_certificates_not_available(tiny_mnist_model: Any, tmp_path: Path) -> No
     assert e["threat_model"] == "L2" and e["certified"]["ibp"]["status"] == "n/a"
     assert 0.0 <= e["certified"]["smoothing"]["certified_acc"] <= 1.0
     assert "not the base model" in e["certified"]["smoothing"]["guarantee"]
+
+
+def test_false_claims_are_not_counted(model_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A fake attack claiming every point (out of the box / out of the ball) breaks nothing, from the
+    Python API and from the command; the flag counts its rejected claims."""
+    from _fake_attacks import Liar
+
+    from robustkit.registry import ATTACKS
+
+    monkeypatch.setitem(ATTACKS._items, "liar", Liar)
+    res = bm.run_benchmark(model_dirs[:1], tmp_path / "api", n=20, eps=0.1, attacks=["liar", "pgd"], eps_grid=[],
+                           attack_params={"pgd": {"steps": 3, "restarts": 1}, "liar": {"how": "box"}},
+                           progress=False)
+    e = res["models"][0]
+    correct = round(e["clean_acc"] * e["n"])
+    assert correct > 0 and e["attacks"]["liar"] == e["clean_acc"] and e["robust_acc"] == e["attacks"]["pgd"]
+    assert e["flags"]["unverified_successes"] == {"liar": correct}
+    assert e["breakdown"]["per_attack"]["liar"]["broken"] == 0
+    out = tmp_path / "cli"
+    assert main(["benchmark", "--models", str(model_dirs[0]), "--out", str(out), "--n", "20", "--eps", "0.1",
+                 "--attacks", "liar", "--eps-grid", "none", "--param", "liar.how=outside"]) == 0
+    e = json.loads((out / "results.json").read_text())["models"][0]
+    assert e["attacks"]["liar"] == e["robust_acc"] == e["clean_acc"]
+    assert e["flags"]["unverified_successes"] == {"liar": correct} and "failed the re-check" in (out / "report.md"
+                                                                                                 ).read_text()
+
+
+def test_cli_config_recipe(model_dirs: list[Path], tmp_path: Path) -> None:
+    """``--config`` + flags + ``--set``, and ``--param`` (one override parser) on top."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "benchmark_mnist5k_linf.yaml"
+    out = tmp_path / "recipe"
+    assert main(["benchmark", "--config", str(recipe), "--models", str(model_dirs[0]), "--out", str(out),
+                 "--n", "10", "--attacks", "pgd", "--set", "certify=[]", "--set", "eps_grid=none",
+                 "--param", "pgd.steps=2", "--param", "pgd.restarts=1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["settings"]
+    assert (s["n"], s["attacks"], s["certify"], s["eps_grid"], s["eps"], s["batch_size"]) == \
+        (10, ["pgd"], [], [], 0.3, 500)
+    assert s["attack_params"] == {"autoattack": {"version": "standard"}, "pgd": {"steps": 2, "restarts": 1}}
+    assert res["models"][0]["attack_params"]["pgd"]["steps"] == 2
+    assert main(["benchmark", "--config", str(recipe), "--models", str(model_dirs[0]), "--param", "steps=2"]) == 2

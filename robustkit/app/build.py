@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError, RobustkitError
+from robustkit.errors import ConfigError
 from robustkit.registry import ATTACKS, RegistryError
 
 
@@ -66,9 +66,9 @@ def build_attack(name: str, params: Mapping[str, Any] | None = None, *, norm: st
                           f"{', '.join(sorted(accepted))})")
     try:
         return cls(**kw)
-    except RobustkitError:
+    except ConfigError:
         raise
-    except ValueError as e:          # the attack's own validation of a user-given value
+    except ValueError as e:          # the attack's own validation of a value (InputError included)
         raise ConfigError(f"attack {name!r}: {e}") from None
 
 
