@@ -18,24 +18,24 @@ dicts from elsewhere load with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import robustkit.nets  # noqa: F401  (registers the built-in nets)
+from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, is_arch
 from robustkit.errors import CheckpointError, IncompatibleError, InputError
 from robustkit.io import atomic_write, atomic_write_json
-from robustkit.registry import MODELS, RegistryError
 from robustkit.validate import integer
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "RobustModel", "check_compatible", "create",
+           "from_pretrained_file", "is_arch", "load", "load_state_dict_file", "load_weights", "resolve_model_dir",
+           "save", "unwrap"]
+
 FORMAT = "robustkit-model/1"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
@@ -106,107 +106,12 @@ def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise InputError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
     c = input_shape[0]
-    if arch in MODELS:
-        if pretrained:
-            raise InputError(f"built-in model {arch!r} has no pretrained weights; train it or pass a checkpoint")
-        builder = MODELS.get(arch)
-        _check_kwargs(builder, arch, arch_kwargs)
-        net = builder(num_classes=num_classes, input_shape=input_shape, **arch_kwargs)
-        dmean, dstd = (0.0,) * c, (1.0,) * c
-    elif arch.startswith("tv:"):
-        net, dmean, dstd = _torchvision(arch[3:], num_classes, pretrained, arch_kwargs)
-    else:
-        net, dmean, dstd = _timm(arch, num_classes, c, pretrained, arch_kwargs)
+    net, dmean, dstd = build_net(arch, num_classes, input_shape, pretrained, arch_kwargs)
     if mean is None:  # a 3-channel default on a 1-channel input: average it
         mean = tuple(dmean) if len(dmean) == c else (sum(dmean) / len(dmean),) * c
     if std is None:
         std = tuple(dstd) if len(dstd) == c else (sum(dstd) / len(dstd),) * c
     return RobustModel(net, arch, num_classes, input_shape, mean, std, arch_kwargs)
-
-
-def is_arch(name: str) -> bool:
-    """Whether ``create`` can build ``name``: a built-in net, ``tv:NAME`` or a timm model name."""
-    if name in MODELS:
-        return True
-    if name.startswith("tv:"):
-        import torchvision
-
-        return name[3:] in torchvision.models.list_models()
-    import timm
-
-    return bool(timm.is_model(name))
-
-
-def _check_kwargs(builder: Callable[..., Any], arch: str, kw: dict[str, Any]) -> None:
-    """``InputError`` naming the accepted keywords when ``kw`` does not fit ``builder``'s signature."""
-    sig = inspect.signature(builder)
-    try:
-        sig.bind(num_classes=2, input_shape=(1, 1, 1), **kw)
-    except TypeError as e:
-        valid = [n for n in sig.parameters if n not in ("num_classes", "input_shape")]
-        raise InputError(f"model.kwargs for {arch!r}: {e}; accepted: {', '.join(valid) or 'none'}") from None
-
-
-def _external(build: Callable[[], nn.Module], arch: str, kw: dict[str, Any]) -> nn.Module:
-    """Build a timm / torchvision net; a ``TypeError`` caused by the user's ``model.kwargs`` is bad
-    input (without kwargs it is not ours to explain, and propagates)."""
-    try:
-        return build()
-    except TypeError as e:
-        if not kw:
-            raise
-        raise InputError(f"model.kwargs {sorted(kw)} not accepted by {arch!r}: {e}") from None
-
-
-def _unknown(arch: str) -> RegistryError:
-    return RegistryError(f"unknown model {arch!r}; valid models: built-in {', '.join(MODELS.names())}; "
-                         "any timm model name (timm.list_models()); or 'tv:NAME' for torchvision")
-
-
-def _torchvision(name: str, num_classes: int, pretrained: bool, kw: dict[str, Any]
-                 ) -> tuple[nn.Module, Sequence[float], Sequence[float]]:
-    import torchvision
-
-    if name not in torchvision.models.list_models():
-        raise _unknown("tv:" + name)
-    if pretrained:
-        net = _external(lambda: torchvision.models.get_model(name, weights="DEFAULT", **kw), "tv:" + name, kw)
-        if num_classes != _out_features(net):
-            _reset_head(net, num_classes)
-    else:
-        net = _external(lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw),
-                        "tv:" + name, kw)
-    return net, IMAGENET_MEAN, IMAGENET_STD
-
-
-def _timm(name: str, num_classes: int, in_chans: int, pretrained: bool, kw: dict[str, Any]
-          ) -> tuple[nn.Module, Sequence[float], Sequence[float]]:
-    import timm
-
-    if not timm.is_model(name):
-        raise _unknown(name)
-    net = _external(lambda: timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
-                                              in_chans=in_chans, **kw), name, kw)
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    return net, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-
-
-def _out_features(net: nn.Module) -> int:
-    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else -1
-
-
-def _reset_head(net: nn.Module, num_classes: int) -> None:
-    for attr in ("fc", "classifier", "head", "heads"):
-        head = getattr(net, attr, None)
-        if isinstance(head, nn.Linear):
-            setattr(net, attr, nn.Linear(head.in_features, num_classes))
-            return
-        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
-            head[-1] = nn.Linear(head[-1].in_features, num_classes)
-            return
-    raise InputError(f"cannot find the classification head of {type(net).__name__} to resize it to "
-                     f"{num_classes} classes; use its own class count (num_classes={_out_features(net)})")
 
 
 # -- save / load ----------------------------------------------------------------------
