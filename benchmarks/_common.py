@@ -10,7 +10,7 @@
   cached under ``benchmarks/results/cache/`` (``ROBUSTKIT_BENCH_CACHE`` overrides), keyed by the
   recipe; the metadata file is written last, so an interrupted training is redone, never half-loaded.
 - ``write_results``: one JSON file, written atomically, with the machine (CPU model, cores, torch
-  threads, GPU, torch and peer versions) and the command line.
+  threads, GPU, torch and peer versions) and every option the run used.
 """
 
 from __future__ import annotations
@@ -158,11 +158,12 @@ def machine_info(device: torch.device, packages: Iterable[str] = ()) -> dict[str
     return info
 
 
-def write_results(path: str | Path, benchmark: str, body: Mapping[str, Any], *, device: torch.device,
-                  quick: bool, packages: Iterable[str] = ()) -> Path:
-    """Write ``{"benchmark", "date", "quick", "command", "machine", **body}`` atomically to ``path``."""
-    res = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
-           "command": " ".join([f"python -m benchmarks.{benchmark}", *sys.argv[1:]]),
+def write_results(path: str | Path, benchmark: str, body: Mapping[str, Any], *, args: argparse.Namespace,
+                  device: torch.device, packages: Iterable[str] = ()) -> Path:
+    """Write ``{"benchmark", "date", "quick", "command", "args", "machine", **body}`` atomically to ``path``
+    (``args``: every option as parsed, defaults included)."""
+    res = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": bool(args.quick),
+           "command": f"python -m benchmarks.{benchmark}", "args": vars(args),
            "machine": machine_info(device, packages), **body}
     return atomic_write_json(path, res)
 

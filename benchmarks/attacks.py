@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         log("attacks", f"{name}: batch {x.shape[0]}, PGD-{steps}, DeepFool on {df_n}")
         body["models"][name] = {"model": minfo, **bench_model(model, x, y, eps, steps, df_n, reps, args.amp,
                                                               args.channels_last)}
-    write_results(args.out, "attacks", body, device=dev, quick=args.quick, packages=PEER_PACKAGES)
+    write_results(args.out, "attacks", body, device=dev, args=args, packages=PEER_PACKAGES)
     for name, r in body["models"].items():
         log("attacks", f"{name}: PGD cost ratio {r['pgd_cost']['ratio_vs_k_fwd_bwd']:.3f} (target <= 1.05)")
         for row in r["pgd_vs_peers"]["rows"] + r["deepfool_vs_peers"]["rows"]:

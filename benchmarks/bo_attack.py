@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "the first q label queries of that image", "results": {}}
 
     def save() -> None:
-        write_results(args.out, "bo_attack", out, device=device, quick=args.quick,
+        write_results(args.out, "bo_attack", out, device=device, args=args,
                       packages=("botorch", "foolbox", "adversarial-robustness-toolbox"))
 
     if args.resume and Path(args.out).is_file():

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                  3 if args.quick else 5, device),
     }
     body["sequential_vs_fixed"] = compare(model, x, y, args.sigma, 100, n, 0.001, args.batch_size, tols, args.seed)
-    write_results(args.out, "certify", body, device=device, quick=args.quick)
+    write_results(args.out, "certify", body, device=device, args=args)
     tp = body["throughput"]
     log("certify", f"throughput: raw {tp['raw_forward_per_s']['median']:.0f}/s, smoothing "
         f"{tp['smoothing_one_image_per_s']['median']:.0f}/s (ratio {tp['ratio_one_image']['median']:.3f})")

@@ -160,7 +160,7 @@ def bench(a: argparse.Namespace, device: torch.device, work: Path) -> int:
             "step_overheads": overheads(s, 3 if a.quick else 10, device),
             "total_seconds": time.perf_counter() - t_start,
             "note": "wall-clock on a shared CPU; train_seconds excludes evaluation"}
-    write_results(a.out, "defenses", body, device=device, quick=a.quick)
+    write_results(a.out, "defenses", body, device=device, args=a)
     log("defenses", f"wrote {a.out}: TRADES fine-tune/scratch robust {target['robust_ratio']:.2f}, "
         f"cost {target['cost_ratio']:.2f}; target met: {target['met']}")
     return 0

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     log("ibp", f"ibp-small on mnist5k eps={eps}: clean {acc['clean_accuracy']:.4f}, certified IBP "
         f"{acc['certified_accuracy_ibp']:.4f}, CROWN-IBP {acc['certified_accuracy_crown-ibp']:.4f} "
         f"(Gowal et al. full MNIST: {GOWAL_MNIST_VERIFIED_EPS_0_1:.4f})")
-    write_results(args.out, "ibp", body, device=device, quick=args.quick)
+    write_results(args.out, "ibp", body, device=device, args=args)
     log("ibp", f"wrote {args.out}")
     return 0
 

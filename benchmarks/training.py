@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "trainer_over_bare": best / bare}
         log("training", f"{arch}: best epoch {best:.2f}s ({n_train / best:.0f} img/s), bare limit {bare:.2f}s "
             f"(x{best / bare:.2f}), loader share {loader_s['none'] / best:.3f}")
-    write_results(args.out, "training", body, device=device, quick=args.quick)
+    write_results(args.out, "training", body, device=device, args=args)
     log("training", f"wrote {args.out}")
     return 0
 
