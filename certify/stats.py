@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta, binomtest
 
+from robustkit.errors import InputError
+
 
 def _arr(v: Any) -> np.ndarray:
     if hasattr(v, "detach"):  # torch.Tensor
@@ -40,12 +42,12 @@ def _arr(v: Any) -> np.ndarray:
 
 def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise InputError(f"alpha must be in (0, 1), got {alpha}")
 
 
 def _check_counts(k: np.ndarray, n: np.ndarray) -> None:
     if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
-        raise ValueError("counts must satisfy 0 <= k <= n and n >= 1")
+        raise InputError("counts must satisfy 0 <= k <= n and n >= 1")
 
 
 def _out(v: np.ndarray, scalar: bool) -> Any:
@@ -117,9 +119,9 @@ class CheckpointCS:
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
         if self.n_max < 1 or self.first < 1:
-            raise ValueError(f"n_max and first must be >= 1, got n_max={self.n_max}, first={self.first}")
+            raise InputError(f"n_max and first must be >= 1, got n_max={self.n_max}, first={self.first}")
         if not self.growth > 1.0:
-            raise ValueError(f"growth must be > 1, got {self.growth}")
+            raise InputError(f"growth must be > 1, got {self.growth}")
         ts, t = [], min(self.first, self.n_max)
         while t < self.n_max:
             ts.append(t)
@@ -133,7 +135,7 @@ class CheckpointCS:
 
     def _check_t(self, t: int) -> None:
         if int(t) not in self.checkpoints:
-            raise ValueError(f"t={t} is not a checkpoint of this confidence sequence {self.checkpoints}; "
+            raise InputError(f"t={t} is not a checkpoint of this confidence sequence {self.checkpoints}; "
                              "the guarantee only covers the fixed schedule")
 
     def lower(self, k: Any, t: int) -> Any:
