@@ -39,8 +39,16 @@ APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
 
 class APGDStep:
-    """APGD's step-size rule and momentum (Alg. 1). Checkpoint lengths as in the reference
-    implementation: the first after 22% of ``n_iter``, then 3% shorter each, down to 6%."""
+    """APGD's step-size rule and momentum (Alg. 1, Sec. 3.2), a ``StepRule`` of the shared loop.
+
+    Checkpoint intervals as in the reference implementation: ``int(0.22 n_iter)``, then 3% of
+    ``n_iter`` shorter each time, never below 6% -- the paper's ``p_{j+1} - p_j`` (for
+    ``n_iter = 100`` the checkpoints are 22, 41, 57, 70, 80, 87, 93, 99). Condition 1 counts
+    ``f(x_{i+1}) > f(x_i)`` over the interval and halves when the count is ``<= rho * k``
+    (the reference code's ``<=``). ``x_max`` / ``f_max`` are the loop's per-row best point and
+    loss (``bx``, ``bl``): the same until a row reaches the goal, after which its path no longer
+    matters; the rule keeps the gradient at ``x_max`` itself (``gb``).
+    """
 
     def __init__(self, n_iter: int, eps: float, rho: float = 0.75, alpha: float = 0.75) -> None:
         self.eps, self.rho, self.alpha = eps, rho, alpha
@@ -50,7 +58,7 @@ class APGDStep:
 
     def step(self, t: int, r: Rows, tm: ThreatModel) -> torch.Tensor:
         x, g = r["x"], r["g"]                                             # (N, C, H, W)
-        if t == 0:    # x_max = the loop's best point r["bx"], f_max = r["bl"]; gb: the gradient there
+        if t == 0:
             n = x.shape[0]
             r["xp"], r["gb"], r["lprev"] = x, g, r["loss"]
             r["eta"] = torch.full((n,), 2.0 * self.eps, device=x.device)  # eta_0 = 2 eps, (N,)
