@@ -12,6 +12,7 @@ from torch import nn
 
 from attacks._compact import expand_as_image
 from attacks.base import Attack, AttackResult
+from robustkit import validate
 from robustkit.registry import ATTACKS
 from robustkit.threat import ThreatModel, parse_eps
 
@@ -63,13 +64,9 @@ class DeepFool(Attack):
     def __init__(self, *, norm: str = "l2", candidates: int = 10, overshoot: float = 0.02, max_iter: int = 50,
                  eps: float | str | None = None) -> None:
         self.norm = ThreatModel(norm, 0.0).norm
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
-            raise ValueError(f"candidates must be an integer >= 2, got {candidates!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float)) or not overshoot >= 0:
-            raise ValueError(f"overshoot must be a number >= 0, got {overshoot!r}")
-        self.candidates, self.max_iter, self.overshoot = candidates, max_iter, float(overshoot)
+        self.candidates = validate.integer("candidates", candidates, 2)
+        self.max_iter = validate.integer("max_iter", max_iter, 1)
+        self.overshoot = validate.number("overshoot", overshoot, 0.0)
         self.eps = None if eps is None else parse_eps(eps)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:

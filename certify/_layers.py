@@ -298,5 +298,5 @@ def _flatten(m: nn.Module, path: str) -> list[tuple[str, nn.Module, Rule]]:
     hint = f" (it contains {', '.join(inner)})" if inner else ""
     raise UnsupportedLayerError(
         f"{path}: {type(m).__name__}{hint} is not supported by bound propagation: a module with a custom forward() "
-        f"(e.g. the residual adds of PreActBlock/WideBasic in preact-resnet18/wrn) cannot be followed; residual "
+        f"(e.g. the residual adds of PreActBlock in preact-resnet18/wrn) cannot be followed; residual "
         f"adds are unsupported. Supported: {SUPPORTED}. Use ibp-small/medium/large for certified training.")

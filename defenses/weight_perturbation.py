@@ -74,7 +74,7 @@ class _WeightPerturbation(Defense):
         if hasattr(self.inner, "objective"):
             return self.inner.objective(model, x, x_adv, y, reduction=reduction)[0]
         if reduction != "mean":
-            raise ValueError(f"{self.name} needs per-sample losses: the inner objective {self.inner.name!r} "
+            raise InputError(f"{self.name} needs per-sample losses: the inner objective {self.inner.name!r} "
                              "must implement perturb() and objective() (pgd-at, trades, mart do)")
         return self.inner.loss(model, x, y)[0]  # a plain objective: its loss, its own inner max
 

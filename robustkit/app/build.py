@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError
+from robustkit.errors import ConfigError, InputError
 from robustkit.registry import ATTACKS, RegistryError
 
 
@@ -68,7 +68,7 @@ def build_attack(name: str, params: Mapping[str, Any] | None = None, *, norm: st
         return cls(**kw)
     except ConfigError:
         raise
-    except ValueError as e:          # the attack's own validation of a value (InputError included)
+    except InputError as e:          # the attack's own validation of a value
         raise ConfigError(f"attack {name!r}: {e}") from None
 
 
