@@ -17,12 +17,18 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     Input gradients are only used through their direction (sign / L2-normalized), and the
     losses in ``attacks._losses`` cast logits to float32, so no loss scaling is needed.
     """
-    if not enabled or not torch.amp.is_autocast_available(device.type):
+    if not enabled or not autocast_available(device.type):
         return contextlib.nullcontext()
     dtype = torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_available(device_type: str) -> bool:
+    """Whether ``torch.autocast`` supports ``device_type`` (torch < 2.4 has no query: cpu and cuda)."""
+    query = getattr(torch.amp, "is_autocast_available", None)
+    return bool(query(device_type)) if query is not None else device_type in ("cpu", "cuda")
 
 
 def fmt_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

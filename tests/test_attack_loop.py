@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import attacks  # noqa: F401  (registers the attacks)
-from attacks._compact import DEFAULT_SEED
+from attacks._compact import DEFAULT_SEED, autocast_available
 from attacks._loop import FixedStep, LoopOptions, Record, Rows, run
 from attacks._losses import loss_fn
 from attacks.apgd import APGD, APGDStep
@@ -186,7 +186,7 @@ ATTACKS_KW = [lambda **kw: PGD(eps=0.3, steps=10, **kw), lambda **kw: APGD(eps=0
               lambda **kw: FastEnsemble(eps=0.3, n_iter=5, n_targets=1, **kw)]
 
 
-@pytest.mark.skipif(not torch.amp.is_autocast_available("cpu"), reason="no CPU autocast in this torch")
+@pytest.mark.skipif(not autocast_available("cpu"), reason="no CPU autocast in this torch")
 @pytest.mark.parametrize("make", ATTACKS_KW, ids=["pgd", "apgd", "fast"])
 def test_amp_bf16_on_cpu(tiny_mnist_model, mnist_test_batch, make) -> None:
     x, y = mnist_test_batch[0][:32], mnist_test_batch[1][:32]
