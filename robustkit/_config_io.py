@@ -125,14 +125,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
+        set_path(data, key.strip(), value, what=f"override {item!r}")
     return data
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any, what: str | None = None) -> None:
+    """``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating sections; ``ConfigError`` when a
+    parent exists and is not a section (``what`` names the source in the message)."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what or dotted}: {part} is not a section")
+    node[leaf] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None, cls: type) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit import _config_io
-from robustkit._config_io import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from robustkit._config_io import apply_overrides, dump_yaml, from_dict, load_yaml, set_path, to_dict
 from robustkit._job_configs import (
     AttackConfig,
     BenchmarkConfig,
@@ -35,7 +35,7 @@ from robustkit._train_config import (
 __all__ = ["AttackConfig", "BenchmarkConfig", "BenchmarkSmoothingConfig", "CertifyBoundsConfig", "CertifyConfig",
            "CertifySmoothingConfig", "DataConfig", "DefenseConfig", "EvalConfig", "ModelConfig", "OptimConfig",
            "ScheduleConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict", "load_config", "load_yaml",
-           "to_dict"]
+           "set_path", "to_dict"]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

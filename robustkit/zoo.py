@@ -18,6 +18,7 @@ dicts from elsewhere load with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,16 @@ def check_compatible(model: nn.Module, info: Any, name: str = "model") -> None:
     k = getattr(inner, "num_classes", None)
     if isinstance(k, int) and k != info.num_classes:
         raise IncompatibleError(f"{name} has {k} classes, dataset {info.name!r} has {info.num_classes}")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """16 hex digits of a SHA-256 over the state dict (names and raw bytes): a resume / cache key
+    that changes whenever the weights do."""
+    h = hashlib.sha256()
+    for k, v in unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

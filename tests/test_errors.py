@@ -93,8 +93,8 @@ def test_argparse_errors_exit_2(capsys):
                                  RuntimeError("shape mismatch")])
 def test_a_bug_exits_1_and_says_so(models, tmp_path, capsys, monkeypatch, exc):
     """An exception that is not a RobustkitError -- even a ValueError / KeyError -- is a bug."""
+    import robustkit.app.eval as eval_cmd
     import robustkit.app.train as pipeline
-    import robustkit.commands.eval as eval_cmd
 
     def broken(*args, **kwargs):
         raise exc
@@ -109,7 +109,7 @@ def test_a_bug_exits_1_and_says_so(models, tmp_path, capsys, monkeypatch, exc):
 
 
 def test_debug_reraises_bugs_and_user_errors(models, capsys, monkeypatch):
-    import robustkit.commands.eval as eval_cmd
+    import robustkit.app.eval as eval_cmd
 
     monkeypatch.setenv("ROBUSTKIT_DEBUG", "1")
 
@@ -126,7 +126,7 @@ def test_debug_reraises_bugs_and_user_errors(models, capsys, monkeypatch):
 
 
 def test_keyboard_interrupt_exits_130(models, capsys, monkeypatch):
-    import robustkit.commands.eval as eval_cmd
+    import robustkit.app.eval as eval_cmd
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -3,7 +3,6 @@ the noise sigma of runs trained for randomized smoothing (see ``robustkit.app.be
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,15 +43,6 @@ def load_models(models: ModelsArg, device: torch.device | str | None) -> dict[st
             name, k = f"{base}-{k}", k + 1
         out[name] = (model.eval(), source)
     return out
-
-
-def fingerprint(model: nn.Module) -> str:
-    """16 hex digits of a SHA-256 over the state dict (names and raw bytes)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def run_sigma(source: str | None) -> float | None:

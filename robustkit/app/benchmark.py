@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from robustkit.app import _bench_report as rep
 from robustkit.app._bench_attacks import bench_attack, eps_curve, run_attacks
 from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
-from robustkit.app._bench_models import ModelsArg, fingerprint, load_models, run_sigma
+from robustkit.app._bench_models import ModelsArg, load_models, run_sigma
 from robustkit.config import BenchmarkConfig, from_dict
 from robustkit.data import load_data
 from robustkit.errors import ConfigError, InputError
 from robustkit.io import atomic_write_json
-from robustkit.zoo import check_compatible
+from robustkit.zoo import check_compatible, fingerprint
 
 FORMAT = "robustkit-benchmark/1"
 

@@ -16,7 +16,6 @@ abstain rate, the guarantee and the per-image records.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from robustkit.io import atomic_write_json
 from robustkit.registry import CERTIFIERS
 from robustkit.report import certified_accuracy_curve, radius_grid
 from robustkit.validate import integer
+from robustkit.zoo import fingerprint
 
 FORMAT = "robustkit-certify/1"
 PARTIAL = "per_image.json"
@@ -103,15 +103,6 @@ def default_chunk(certifier: Certifier) -> int:
     bs = int(getattr(certifier, "batch_size", 100))
     n = getattr(certifier, "n", None)
     return max(8, bs // n) if isinstance(n, int) else bs
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the weights (the resume key: the same ``out`` with other weights is refused)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _device(model: nn.Module) -> torch.device:

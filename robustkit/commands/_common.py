@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from robustkit.device import resolve_device, seed_everything
-from robustkit.zoo import RobustModel
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -24,14 +22,6 @@ def add_data(p: argparse.ArgumentParser, default: str = "mnist5k") -> None:
 def setup(args: argparse.Namespace):  # -> torch.device
     seed_everything(args.seed)
     return resolve_device(args.device)
-
-
-def load_model_arg(spec: str, device) -> RobustModel:
-    """``--model``: a run directory, a model directory / model.json, or a built-in arch name
-    is an error (models must be trained first)."""
-    from robustkit.zoo import load
-
-    return load(Path(spec), map_location=device)
 
 
 def print_registry(registry, footer: str = "") -> None:  # registry: robustkit.registry.Registry

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from robustkit.config import apply_overrides, from_dict, load_yaml
+from robustkit.config import apply_overrides, from_dict, load_yaml, set_path
 from robustkit.errors import ConfigError
 
 
@@ -43,12 +43,6 @@ def make_config(cls: type, args: argparse.Namespace, flags: Mapping[str, Any], p
     for dotted, value in flags.items():
         if value is None:
             continue
-        node = data
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(parents)} in {args.config} is not a mapping")
-        node[last] = value
+        set_path(data, dotted, value, what=f"{dotted} (in {args.config})")
     apply_overrides(data, [*params, *args.overrides])
     return from_dict(cls, data)

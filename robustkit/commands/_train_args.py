@@ -12,8 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from robustkit.config import TrainConfig, apply_overrides, from_dict, load_yaml
-from robustkit.errors import ConfigError
+from robustkit.config import TrainConfig, apply_overrides, from_dict, load_yaml, set_path
 
 # flag dest -> config key path (values copied when the flag is given)
 _FLAGS: dict[str, str] = {
@@ -56,16 +55,6 @@ def add_train_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
     p.set_defaults(seed=None)  # so a YAML seed is not overridden by add_common's default
 
 
-def _put(data: dict[str, Any], path: str, value: Any) -> None:
-    node = data
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{path}: {part} is not a section")
-    node[leaf] = value
-
-
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -89,12 +78,12 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     for dest, path in _FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
-            _put(data, path, value)
+            set_path(data, path, value)
     if args.eps is not None:
-        _put(data, "defense.params.eps", str(args.eps))
-        _put(data, "eval.eps", str(args.eps))
+        set_path(data, "defense.params.eps", str(args.eps))
+        set_path(data, "eval.eps", str(args.eps))
     if args.beta is not None:
-        _put(data, "defense.params.beta", args.beta)
+        set_path(data, "defense.params.beta", args.beta)
     for flag in ("amp", "channels_last"):
         if getattr(args, flag, None):
             data[flag] = True

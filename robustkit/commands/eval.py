@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from robustkit.commands._common import add_common, add_data, load_model_arg, setup
-from robustkit.data import make_loader
-from robustkit.evaluate import clean_accuracy
-from robustkit.report import md_table, write_markdown, write_results
-from robustkit.zoo import check_compatible
+from robustkit.app.eval import run_eval
+from robustkit.commands._common import add_common, add_data, setup
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,17 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = setup(args)
-    model = load_model_arg(args.model, device)
-    loader = make_loader(args.dataset, args.split, batch_size=args.batch_size, n=args.n, data_root=args.data_root,
-                         download=args.download, device=device)
-    check_compatible(model, loader.info)
-    r = clean_accuracy(model, loader, progress=True)
-    res = {"model": str(args.model), "arch": model.arch, "dataset": args.dataset, "split": args.split,
-           "n": r["n"], "clean_accuracy": r["clean_accuracy"], "seconds": r["seconds"]}
+    r = run_eval(args.model, args.dataset, args.split, n=args.n, batch_size=args.batch_size, out=args.out,
+                 device=setup(args), data_root=args.data_root, download=args.download)
     print(f"clean accuracy {r['clean_accuracy']:.4f} on {r['n']} {args.dataset}/{args.split} images")
     if args.out:
-        write_results(args.out, res)
-        write_markdown(args.out, f"# Evaluation\n\n{md_table([res])}")
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0
