@@ -76,10 +76,12 @@ class LoopOptions:
 
 
 class StepRule(Protocol):
+    uses_loss: bool   # the rule reads ``loss`` / ``better`` (else the loop does not keep them per row)
+
     def step(self, t: int, rows: Rows, tm: ThreatModel) -> torch.Tensor:
         """The next iterate ``(N, C, H, W)`` from iterate ``t``: ``rows`` holds ``x``, ``x0``, ``g``
-        (gradient at ``x``), ``loss``, ``bx``/``bl`` (best-so-far point and loss), ``better``
-        (where ``x`` became the best); a rule may add its own per-row state to ``rows``."""
+        (gradient at ``x``), ``bx``/``bl`` (best-so-far point and loss) and, if ``uses_loss``, ``loss``
+        and ``better`` (where ``x`` became the best); a rule may add its own per-row state to ``rows``."""
         ...
 
 
@@ -88,6 +90,7 @@ class FixedStep:
     """Projected steepest ascent with a fixed step length (PGD, Madry et al. 2018)."""
 
     eta: float
+    uses_loss = False
 
     def step(self, t: int, rows: Rows, tm: ThreatModel) -> torch.Tensor:
         return tm.project(tm.step(rows["x"], rows["g"], self.eta), rows["x0"])
@@ -107,8 +110,8 @@ def run(model: nn.Module, x: torch.Tensor, label: torch.Tensor, record: Record, 
     x0 = x[own]                                                            # (N, C, H, W)
     xa = tm.random_start(x0, opts.generator) if random_start else x0.clone()
     rows: Rows = {"own": own, "x0": x0, "label": label[own], "x": xa, "bx": xa,
-                         "bl": torch.full((own.numel(),), float("-inf"), device=x.device),
-                         "hit": torch.zeros(own.numel(), dtype=torch.bool, device=x.device)}
+                  "bl": torch.full((own.numel(),), float("-inf"), device=x.device),
+                  "hit": torch.zeros(own.numel(), dtype=torch.bool, device=x.device)}
     if target is not None:
         rows["target"] = target[own]
     unique = copies == 1
@@ -126,7 +129,8 @@ def run(model: nn.Module, x: torch.Tensor, label: torch.Tensor, record: Record, 
             (rows["g"],) = torch.autograd.grad(lv.sum(), xa)               # input gradient only
             record.backward += n
         pred = logits.argmax(1)
-        _update(rows, xa.detach(), lv.detach(), (pred == rows["label"]) if targeted else (pred != rows["label"]), t)
+        succ = (pred == rows["label"]) if targeted else (pred != rows["label"])
+        _update(rows, xa.detach(), lv.detach(), succ, t, rule.uses_loss)
         if last:
             break
         if opts.every is not None and (t + 1) % opts.every == 0:
@@ -139,7 +143,7 @@ def run(model: nn.Module, x: torch.Tensor, label: torch.Tensor, record: Record, 
     _settle(rows, record, steps + 1, unique)
 
 
-def _update(rows: Rows, xa: torch.Tensor, lv: torch.Tensor, succ: torch.Tensor, t: int) -> None:
+def _update(rows: Rows, xa: torch.Tensor, lv: torch.Tensor, succ: torch.Tensor, t: int, keep_loss: bool) -> None:
     """Per-row best-so-far, without a host sync: a row that reached the goal keeps its first
     successful iterate; until then the highest-loss iterate (strict ``>``: the earliest on ties)."""
     hit = rows["hit"]
@@ -148,7 +152,9 @@ def _update(rows: Rows, xa: torch.Tensor, lv: torch.Tensor, succ: torch.Tensor, 
     rows["bl"] = torch.where(better, lv, rows["bl"])
     if "hit_t" in rows:
         rows["hit_t"] = torch.where(succ & ~hit, t, rows["hit_t"])
-    rows["hit"], rows["loss"], rows["better"] = hit | succ, lv, better
+    rows["hit"] = hit | succ
+    if keep_loss:
+        rows["loss"], rows["better"] = lv, better
 
 
 def _owner_done(rows: Rows, b: int, unique: bool) -> torch.Tensor:
@@ -171,7 +177,15 @@ def _compact(rows: Rows, record: Record, n_forwards: int, unique: bool) -> Rows 
     keep = (~done).nonzero().squeeze(1)
     if keep.numel() == done.shape[0]:
         return rows
-    _settle(_take(rows, done.nonzero().squeeze(1)), record, n_forwards, unique)
+    leave = done.nonzero().squeeze(1)                                      # every owner here is done
+    own = rows["own"][leave]
+    record.queries.index_add_(0, own, torch.full_like(own, n_forwards))
+    if not unique:                                                         # the first hit of each owner
+        leave = leave[rows["hit"][leave]]
+        leave = leave[_first(rows["hit_t"][leave] * done.shape[0] + leave, rows["own"][leave], record.fooled.shape[0])]
+        own = rows["own"][leave]
+    record.x[own] = rows["bx"][leave]
+    record.fooled[own] = True
     return _take(rows, keep) if keep.numel() else None
 
 

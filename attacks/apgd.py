@@ -50,6 +50,8 @@ class APGDStep:
     matters; the rule keeps the gradient at ``x_max`` itself (``gb``).
     """
 
+    uses_loss = True
+
     def __init__(self, n_iter: int, eps: float, rho: float = 0.75, alpha: float = 0.75) -> None:
         self.eps, self.rho, self.alpha = eps, rho, alpha
         self.k = max(int(0.22 * n_iter), 1)                               # current checkpoint interval

@@ -62,6 +62,8 @@ class _MeanModel(nn.Module):
 class _Script:
     """A step rule that visits scripted constant images: row ``r``'s iterate ``t`` is ``script[r][t]``."""
 
+    uses_loss = False
+
     def __init__(self, script: list[list[float]]) -> None:
         self.script = torch.tensor(script)                                 # (N, T)
 
