@@ -8,7 +8,8 @@ A run attacks *rows*: copies of the samples still standing (``owners``, global i
    (``torch.autograd.grad``; no parameter gradients; none on the last iterate);
 2. the per-row best-so-far: the first iterate that reached the goal, else the highest-loss one;
 3. every ``every`` steps, compaction: rows whose owner reached the goal are folded into the
-   ``Record`` and leave the batch (one ``nonzero``, the only host sync of the loop);
+   ``Record`` and leave the batch (a ``nonzero``, a second one when rows leave: the loop's only
+   host syncs, so on an accelerator ``every = 4`` lets finished rows ride along a few steps);
 4. the ``rule``'s step to the next iterate (PGD: a fixed step; APGD: its step-size rule).
 
 Per-row state lives in one dict of tensors that share dim 0, so compaction indexes all of them
