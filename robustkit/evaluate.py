@@ -31,16 +31,11 @@ from tqdm.auto import tqdm
 from robustkit._evaluation import MODES, AttackStats, Columns, Evaluation
 from robustkit._verify import ball_of, inside, targets
 from robustkit.errors import InputError
-from robustkit.modes import eval_mode
+from robustkit.modes import device_of, eval_mode
 from robustkit.threat import ThreatModel
 from robustkit.validate import integer, one_of
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _autocast(dev: torch.device, amp: bool) -> torch.autocast:
@@ -50,7 +45,7 @@ def _autocast(dev: torch.device, amp: bool) -> torch.autocast:
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, amp: bool = False) -> torch.Tensor:
     """Predicted labels ``(N,)`` for images ``(N, C, H, W)`` in ``[0, 1]``, in eval mode."""
-    dev = _device_of(model)
+    dev = device_of(model)
     out = []
     with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
@@ -63,7 +58,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, amp: bool 
 def clean_accuracy(model: nn.Module, loader: Batches, amp: bool = False, progress: bool = False,
                    desc: str = "clean") -> dict[str, Any]:
     """``{"clean_accuracy", "n", "correct" (N,) bool, "seconds"}`` over ``loader``."""
-    dev = _device_of(model)
+    dev = device_of(model)
     t0 = time.perf_counter()
     correct = []
     with eval_mode(model):
@@ -152,7 +147,7 @@ def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch
     opt = _Options(one_of("mode", mode, MODES), threat, None if batch_size is None else
                    integer("batch_size", batch_size, 1), amp, seed)
     batches: Batches = [data] if isinstance(data, tuple) and isinstance(data[0], torch.Tensor) else data
-    dev = _device_of(model)
+    dev = device_of(model)
     stats = [AttackStats(name, params=a.params() if hasattr(a, "params") else {}) for name, a in zip(labels, attacks)]
     subs: list[list[str | None]] = [[] for _ in attacks]
     cols, counts, clean_s = Columns(), {"clean": 0, "verify": 0}, 0.0

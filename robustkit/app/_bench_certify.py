@@ -21,6 +21,7 @@ from torch import nn
 
 from robustkit.app._bench_report import acc
 from robustkit.app.certify import Points, certified_at, certify_points
+from robustkit.modes import device_of
 
 CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing")
 # an injected deterministic at-eps certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
@@ -49,7 +50,7 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
     from certify._layers import UnsupportedLayerError
     from robustkit.registry import CERTIFIERS
 
-    dev, eps, norm = next(model.parameters()).device, s["eps"], s["norm"]
+    dev, eps, norm = device_of(model), s["eps"], s["norm"]
     names = [c for c in s["certify"] if c != "smoothing"] + [c for c in certifiers if c not in s["certify"]]
     records: dict[str, Any] = {}
     flags: dict[str, torch.Tensor] = {}

@@ -31,6 +31,7 @@ from robustkit.app._certify_report import write_outputs
 from robustkit.config import CertifyConfig
 from robustkit.errors import CheckpointError, InputError
 from robustkit.io import atomic_write_json
+from robustkit.modes import device_of
 from robustkit.registry import CERTIFIERS
 from robustkit.report import certified_accuracy_curve, radius_grid
 from robustkit.validate import integer
@@ -105,11 +106,6 @@ def default_chunk(certifier: Certifier) -> int:
     return max(8, bs // n) if isinstance(n, int) else bs
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _scalar(v: torch.Tensor) -> bool | int | float:
     return bool(v) if v.dtype == torch.bool else int(v) if not v.is_floating_point() else float(v)
 
@@ -171,7 +167,7 @@ def certify_points(model: nn.Module, data: Points, certifier: Certifier, *, chun
     wanted = set(index)
     done = {i: r for i, r in done.items() if i in wanted}
     todo = [j for j, i in enumerate(index) if i not in done]
-    dev = _device(model)
+    dev = device_of(model)
     bar = tqdm(total=len(index), initial=len(index) - len(todo), desc=f"certify ({certifier.name})", unit="img",
                disable=not progress)
     for s in range(0, len(todo), chunk):
