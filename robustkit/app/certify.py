@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from certify.base import Certifier, image_seeds
 from robustkit.app._certify_report import write_outputs
+from robustkit.app.shard import UnitStore, check_enough, map_units, setup, union, world
 from robustkit.config import CertifyConfig
 from robustkit.errors import CheckpointError, InputError
 from robustkit.io import atomic_write_json
@@ -39,6 +39,7 @@ from robustkit.zoo import fingerprint
 
 FORMAT = "robustkit-certify/1"
 PARTIAL = "per_image.json"
+PARTS = "parts"                     # per-chunk progress files (robustkit.app.shard.UnitStore)
 RECORD_KEYS = ("index", "label", "prediction", "radius", "abstained", "correct")
 
 
@@ -153,35 +154,47 @@ def certify_points(model: nn.Module, data: Points, certifier: Certifier, *, chun
                    resume: bool = False, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Certify every image of ``data`` with ``certifier``; returns ``summarize(...)`` (with per-image records).
 
-    chunk: images per certifier call and per progress save (default ``default_chunk``); per-image
-    results do not depend on it. out: where ``per_image.json`` is written after every chunk
-    (atomically); resume: keep the images already in it (``InputError`` if it was made with other
-    settings, weights or seed). The model runs on its own device; ``data`` may live anywhere.
+    chunk: images per certifier call and per progress file (default ``default_chunk``); per-image
+    results do not depend on it. out: where each chunk's records are saved the moment they are done
+    (``out/parts/``, atomically) and, at the end, every record (``out/per_image.json``); resume: keep
+    the images already done there (``InputError`` if made with other settings, weights or seed).
+    Under torchrun the chunks are shared out over the ranks (``robustkit.app.shard``) and every
+    rank returns the whole result; only rank 0 writes ``per_image.json``. The model runs on its own
+    device; ``data`` may live anywhere.
     """
     chunk = default_chunk(certifier) if chunk is None else integer("chunk", chunk, 1)
     integer("seed", seed)
+    check_enough(len(data.index), "images")
     key = _resume_key(model, data, certifier, seed)
-    partial = Path(out) / PARTIAL if out is not None else None
-    done = _load_partial(partial, key) if resume and partial is not None else {}
+    store = UnitStore(Path(out) / PARTS, key) if out is not None else None
+    local: dict[int, dict[str, Any]] = {}
+    if resume and out is not None:
+        local = {int(r["index"]): r for unit in store.done().values() for r in unit["records"]}
+        local.update(_load_partial(Path(out) / PARTIAL, key))                  # the merged file wins
+    elif store is not None and world().is_main:
+        store.clear()
     index = data.index.tolist()
     wanted = set(index)
-    done = {i: r for i, r in done.items() if i in wanted}
+    done = {i: r for i, r in union(local).items() if i in wanted}
     todo = [j for j, i in enumerate(index) if i not in done]
+    # a chunk is named after its first image: unique, also against the files of an earlier run
+    parts = {int(index[p[0]]): p for p in (todo[s:s + chunk] for s in range(0, len(todo), chunk))}
     dev = device_of(model)
-    bar = tqdm(total=len(index), initial=len(index) - len(todo), desc=f"certify ({certifier.name})", unit="img",
-               disable=not progress)
-    for s in range(0, len(todo), chunk):
-        part = todo[s:s + chunk]
+
+    def compute(unit: int) -> dict[str, Any]:
+        part = parts[unit]
         sel = torch.tensor(part)
         t0 = time.perf_counter()
         cert = certifier(model, data.x[sel].to(dev), seeds=image_seeds(seed, data.index[sel]))
-        for rec in _records(data, part, cert, (time.perf_counter() - t0) / len(part)):
-            done[rec["index"]] = rec
-        if partial is not None:
-            atomic_write_json(partial, {"key": key, "records": [done[i] for i in index if i in done]})
-        bar.update(len(part))
-    bar.close()
-    return summarize([done[i] for i in index], certifier, seed, data.dataset)
+        return {"records": _records(data, part, cert, (time.perf_counter() - t0) / len(part))}
+
+    for unit in map_units(list(parts), compute, store=store, done={}, progress=progress,
+                          desc=f"certify ({certifier.name})", weight=lambda u: len(parts[u])):
+        done.update({int(r["index"]): r for r in unit["records"]})
+    records = [done[i] for i in index]
+    if out is not None and world().is_main:
+        atomic_write_json(Path(out) / PARTIAL, {"key": key, "records": records})
+    return summarize(records, certifier, seed, data.dataset)
 
 
 def summarize(records: list[dict[str, Any]], certifier: Certifier, seed: int = 0, dataset: str = "") -> dict[str, Any]:
@@ -216,16 +229,22 @@ def run_certify(cfg: CertifyConfig, device: torch.device | str, *, resume: bool 
                 progress: bool = True) -> dict[str, Any]:
     """``robustkit certify``: load the model and images of ``cfg``, certify them, write ``cfg.out``
     (results.json, report.md, plots/certified_accuracy.png, per_image.json). Input is validated
-    before anything is written."""
+    before anything is written. Under torchrun the images are shared out over the processes and
+    rank 0 writes (``wall_seconds``: this invocation's wall-clock; ``seconds``: compute summed
+    over the images, whichever rank certified them)."""
     from robustkit.zoo import load
 
     if not cfg.model:
         raise InputError("certify needs a model: --model RUN_OR_MODEL_DIR (or model: in the config)")
     certifier = build_certifier(cfg)
+    w, device = setup(device)                      # under torchrun: this rank's GPU, the process group
     model = load(Path(cfg.model), map_location=device)
     points = load_points(cfg.dataset, cfg.n_images, cfg.skip, cfg.data_root, cfg.download, model)
+    t0 = time.perf_counter()
     res = certify_points(model, points, certifier, chunk=cfg.chunk, seed=cfg.seed, resume=resume, out=cfg.out,
                          progress=progress)
     res["model"] = str(Path(cfg.model).resolve())
-    write_outputs(cfg.out, res)
+    res["processes"], res["wall_seconds"] = w.size, time.perf_counter() - t0
+    if w.is_main:
+        write_outputs(cfg.out, res)
     return res

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="noisy rows per forward / images per bound pass (default 1000)")
     p.add_argument("--chunk", type=int, help="images per certifier call and per progress save (default: auto)")
     p.add_argument("--out", help="output directory (default runs/certify)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/per_image.json")
+    p.add_argument("--resume", action="store_true", help="compute only the images not yet in OUT/parts")
     add_common(p)
     p.set_defaults(func=run, seed=None, dataset=None, data_root=None, download=None)
 
@@ -65,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> Any:  # -> CertifyConfig
 
 def run(args: argparse.Namespace) -> int:
     from robustkit.app.certify import certified_at, run_certify
+    from robustkit.app.shard import world
     from robustkit.device import resolve_device
 
     cfg = config_from_args(args)
@@ -73,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
     at = ", ".join(f"{r:g}: {a:.3f}" for r, a in zip(curve["radius"], curve["certified_accuracy"]) if r <= 2 * scale)
     head = (f"{res['certifier']} certified accuracy {float(certified_at(res, eps).float().mean()):.4f} at eps "
             f"{eps:g}" if eps is not None else f"{res['certifier']}: certified accuracy at radius {at}")
-    print(f"{head} ({res['n']} images, ACR {res['average_certified_radius']:.4f}); results: {cfg.out}/results.json")
+    if world().is_main:
+        print(f"{head} ({res['n']} images, ACR {res['average_certified_radius']:.4f}); results: {cfg.out}/results.json")
     return 0
