@@ -7,8 +7,12 @@
   per class, a seeded permutation (``numpy.random.default_rng(0)``) puts 400 images
   in ``train`` and 100 in ``test`` -> 4,000 / 1,000, stratified; each split is then
   shuffled with the same generator, so its first ``n`` images are a fair sample.
-- ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``: torchvision datasets
-  read from ``data_root`` (``download=True`` is an explicit opt-in).
+- ``fashion-mnist``: the full Fashion-MNIST (60,000 / 10,000, Xiao et al. 2017) from its IDX
+  files, offline: ``data_root`` (flat, ``fashion-mnist/`` or torchvision's ``FashionMNIST/raw/``),
+  then the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``);
+  ``download=True`` fetches it through torchvision when neither has it.
+- ``mnist``, ``cifar10``, ``cifar100``, ``svhn``: torchvision datasets read from ``data_root``
+  (``download=True`` is an explicit opt-in).
 - ``imagefolder:PATH``: ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*`` (or
   ``val``), or a flat ``PATH/<class>/*`` used for both splits.
 
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robustkit._idx import find_split, load_split
 from robustkit.errors import DatasetError
 from robustkit.registry import DATASETS
 from robustkit.validate import integer, one_of
@@ -42,6 +47,7 @@ class DatasetInfo:
     num_classes: int
     input_shape: tuple[int, int, int]
     augment: str = "none"            # default training augmentation: "none" | "crop-flip"
+    classes: tuple[str, ...] = ()    # class names, label order, when the dataset has them
 
 
 @dataclass
@@ -186,7 +192,30 @@ def _register_tv(name: str, cls_name: str, num_classes: int, shape: tuple[int, i
 
 
 _register_tv("mnist", "MNIST", 10, (1, 28, 28), "none")
-_register_tv("fashion-mnist", "FashionMNIST", 10, (1, 28, 28), "none")
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+FASHION_INFO = DatasetInfo("fashion-mnist", 10, (1, 28, 28), classes=FASHION_CLASSES)
+FASHION_SYSTEM_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)   # Debian: dataset-fashion-mnist
+
+
+@DATASETS.register("fashion-mnist", help="full Fashion-MNIST (60,000 / 10,000): --data-root, or Debian's "
+                                         "dataset-fashion-mnist, offline")
+def fashion_mnist(split: str, data_root: str | None = None, download: bool = False) -> Data:
+    root = _root(data_root)
+    dirs = [root, root / "fashion-mnist", root / "FashionMNIST" / "raw", *FASHION_SYSTEM_DIRS]
+    found = find_split(dirs, split)
+    if found is None and download:
+        _torchvision_data("fashion-mnist", "FashionMNIST", split, data_root, True, 10, (1, 28, 28), "none")
+        found = find_split([root / "FashionMNIST" / "raw"], split)
+    if found is None:
+        raise DatasetError(
+            f"dataset 'fashion-mnist' ({split}) not found: no IDX files (t10k-images-idx3-ubyte[.gz], ...) in "
+            f"{', '.join(str(d) for d in dirs)}. Install it with `apt-get install dataset-fashion-mnist`, put the "
+            f"files under --data-root DIR, or pass --download on a machine with internet.")
+    images, labels = load_split(*found, num_classes=10, image_size=(28, 28))
+    return Data(FASHION_INFO, images, labels)
+
 _register_tv("cifar10", "CIFAR10", 10, (3, 32, 32), "crop-flip")
 _register_tv("cifar100", "CIFAR100", 100, (3, 32, 32), "crop-flip")
 _register_tv("svhn", "SVHN", 10, (3, 32, 32), "none")
@@ -227,7 +256,7 @@ def load_data(name: str, split: str = "test", data_root: str | None = None, down
 def dataset_info(name: str) -> DatasetInfo:
     """Class count and input shape without loading torchvision files (mnist5k loads fast)."""
     known = {"mnist5k": DatasetInfo("mnist5k", 10, (1, 28, 28)), "mnist": DatasetInfo("mnist", 10, (1, 28, 28)),
-             "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28)),
+             "fashion-mnist": FASHION_INFO,
              "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), "crop-flip"),
              "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), "crop-flip"),
              "svhn": DatasetInfo("svhn", 10, (3, 32, 32))}
