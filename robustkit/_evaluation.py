@@ -1,14 +1,19 @@
 """The record the evaluation engine returns (``robustkit.evaluate.evaluate_attacks``): per point,
-per attack, and the summary dict that ``robust_accuracy`` has always returned."""
+per attack, and the summary dict that ``robust_accuracy`` has always returned; its record form
+(JSON values + tensors, for progress files) and the join of consecutive parts (sharding)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 MODES = ("chained", "independent")
+POINT_FIELDS = ("clean_correct", "broken_by", "l2", "linf", "queries", "queries_to_success", "y", "pred_clean")
+ATTACK_FIELDS = ("attacked", "broken", "unverified")          # (A, N): joined along dim 1
+COUNTERS = ("attacked", "broken", "unverified", "seconds", "forward_passes", "backward_passes")
 
 
 @dataclass
@@ -24,6 +29,17 @@ class AttackStats:
     backward_passes: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)   # scalar ``info`` of its last call (package, version)
+
+    @classmethod
+    def total(cls, parts: Sequence[AttackStats]) -> AttackStats:
+        """One attack's stats over consecutive parts: counters summed, ``params`` of the first,
+        ``meta`` updated in order (as one run over the parts one after another would)."""
+        out = cls(parts[0].attack, params=dict(parts[0].params))
+        for p in parts:
+            for k in COUNTERS:
+                setattr(out, k, getattr(out, k) + getattr(p, k))
+            out.meta.update(p.meta)
+        return out
 
     def row(self) -> dict[str, Any]:
         """The scalar counters, one table row (``per_attack`` in the summary)."""
@@ -47,6 +63,11 @@ class Evaluation:
     queries:         (N,) int64, model queries spent on the point by every attack that ran on it.
     queries_to_success: (N,) int64, queries of the breaking attack (-1 if unbroken).
     sub_attacks:     per attack, per point: the sub-attack an ensemble named (``info["broken_by"]``).
+    seconds:         wall-clock of the evaluation: one ``evaluate_attacks`` call from start to end; a
+                     join (``concat``) sums its parts (the time one process running them one after
+                     the other would take), and the sharded front (``robustkit.app.sharded_eval``)
+                     sets the wall-clock of its own call (all ranks, waiting included).
+    clean_seconds:   time of the clean pass (summed over parts).
     x, x_adv:        (N, C, H, W) on CPU when kept: per point the first verified adversarial, else the
                      output of the last attack that ran on it (the clean image if none did).
     """
@@ -131,6 +152,54 @@ class Evaluation:
         if self.x is not None:
             out["x"], out["x_adv"] = self.x, self.x_adv
         return out
+
+
+    # -- record form (progress files) and joins ------------------------------------------------
+    def to_record(self) -> dict[str, Any]:
+        """A flat dict of JSON-able values and CPU tensors (what ``UnitStore.save`` takes);
+        ``from_record`` inverts it exactly."""
+        rec: dict[str, Any] = {"mode": self.mode, "attacks": list(self.attacks),
+                               "sub_attacks": [list(s) for s in self.sub_attacks],
+                               "stats": [asdict(st) for st in self.stats], "seconds": self.seconds,
+                               "clean_seconds": self.clean_seconds, "clean_forward": self.clean_forward,
+                               "verify_forward": self.verify_forward}
+        for k in (*POINT_FIELDS, *ATTACK_FIELDS, "x", "x_adv"):
+            v = getattr(self, k)
+            if v is not None:
+                rec[k] = v.detach().cpu()
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Evaluation:
+        """The ``Evaluation`` of ``to_record``'s dict (tensors as saved, on CPU)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in rec.items() if k in names and k != "stats"}
+        kw["stats"] = [AttackStats(**st) for st in rec["stats"]]
+        kw["sub_attacks"] = [list(s) for s in rec["sub_attacks"]]
+        return cls(**kw)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Evaluation]) -> Evaluation:
+        """Consecutive parts (points ``0..N1-1``, then ``N1..``) as one evaluation: per-point
+        columns joined, ``stats`` and pass counts summed, ``seconds`` summed (see the class
+        docstring). The parts must share mode and attacks."""
+        if not parts:
+            raise ValueError("Evaluation.concat: no parts (a bug in the caller)")
+        first = parts[0]
+        for p in parts:
+            if p.mode != first.mode or p.attacks != first.attacks:
+                raise ValueError(f"Evaluation.concat: parts of different evaluations ({p.mode} {p.attacks} vs "
+                                 f"{first.mode} {first.attacks}; a bug in the caller)")
+        kw: dict[str, Any] = {k: torch.cat([getattr(p, k) for p in parts]) for k in POINT_FIELDS}
+        kw.update({k: torch.cat([getattr(p, k) for p in parts], 1) for k in ATTACK_FIELDS})
+        kept = all(p.x is not None for p in parts)
+        for k in ("x", "x_adv"):
+            kw[k] = torch.cat([getattr(p, k) for p in parts]) if kept else None
+        kw["sub_attacks"] = [[s for p in parts for s in p.sub_attacks[i]] for i in range(len(first.attacks))]
+        kw["stats"] = [AttackStats.total([p.stats[i] for p in parts]) for i in range(len(first.attacks))]
+        for k in ("seconds", "clean_seconds", "clean_forward", "verify_forward"):
+            kw[k] = sum(getattr(p, k) for p in parts)
+        return cls(mode=first.mode, attacks=list(first.attacks), **kw)
 
 
 class Columns:

@@ -71,7 +71,7 @@ def clean_accuracy(model: nn.Module, loader: Batches, amp: bool = False, progres
 
 
 # -- the engine -------------------------------------------------------------------------------
-def _attack_list(attack_or_attacks: Any) -> list[Any]:
+def attack_list(attack_or_attacks: Any) -> list[Any]:
     attacks = list(attack_or_attacks) if isinstance(attack_or_attacks, (list, tuple)) else [attack_or_attacks]
     if not attacks:
         raise InputError("need at least one attack")
@@ -81,7 +81,7 @@ def _attack_list(attack_or_attacks: Any) -> list[Any]:
     return attacks
 
 
-def _labels(attacks: list[Any]) -> list[str]:
+def attack_labels(attacks: list[Any]) -> list[str]:
     """Display names, made unique when the list repeats an attack (``pgd``, ``pgd#2``)."""
     out: list[str] = []
     for a in attacks:
@@ -109,9 +109,9 @@ class _Options:
 class _Batch:
     """One batch of ``B`` points on the device and what the attacks did to it."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, start: int, n_attacks: int, keep: bool) -> None:
-        b, dev = x.shape[0], x.device
-        self.x, self.y, self.start, self.index = x, y, start, torch.arange(start, start + b, device=dev)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, start: int, index: int, n_attacks: int, keep: bool) -> None:
+        b, dev = x.shape[0], x.device           # start: position in this call; index: global image index
+        self.x, self.y, self.start, self.index = x, y, start, torch.arange(index, index + b, device=dev)
         self.attacked = torch.zeros(n_attacks, b, dtype=torch.bool, device=dev)
         self.broken = torch.zeros_like(self.attacked)
         self.unverified = torch.zeros_like(self.attacked)
@@ -126,7 +126,7 @@ class _Batch:
 def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], attacks: Any, *,
                      mode: str = "chained", threat: ThreatModel | None = None, batch_size: int | None = None,
                      amp: bool = False, seed: int = 0, keep_adversarials: bool = False, progress: bool = False,
-                     desc: str = "attack") -> Evaluation:
+                     desc: str = "attack", start: int = 0) -> Evaluation:
     """Run ``attacks`` (one or a list) over ``data`` in ``mode``, verifying every claimed success.
 
     Args:
@@ -141,11 +141,15 @@ def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch
         seed: targeted attacks get a wrong class per image, a hash of ``(seed, image index,
             attack position)`` (``targets``); "broken" then means "target reached".
         keep_adversarials: also return ``x`` and ``x_adv`` (CPU).
+        start: the global index of the first point of ``data`` (the seeded targets depend on an
+            image's index, not on its position in this call): a shard or batch of a larger
+            evaluation passes its offset, so it gets exactly the targets of the whole run.
     """
-    attacks = _attack_list(attacks)
-    labels = _labels(attacks)
+    attacks = attack_list(attacks)
+    labels = attack_labels(attacks)
     opt = _Options(one_of("mode", mode, MODES), threat, None if batch_size is None else
                    integer("batch_size", batch_size, 1), amp, seed)
+    start = integer("start", start, 0)
     batches: Batches = [data] if isinstance(data, tuple) and isinstance(data[0], torch.Tensor) else data
     dev = device_of(model)
     stats = [AttackStats(name, params=a.params() if hasattr(a, "params") else {}) for name, a in zip(labels, attacks)]
@@ -154,7 +158,8 @@ def evaluate_attacks(model: nn.Module, data: Batches | tuple[torch.Tensor, torch
     t0 = time.perf_counter()
     bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False)
     for x, y in batches:
-        bt = _Batch(x.to(dev), y.to(dev, torch.long), counts["clean"], len(attacks), keep_adversarials)
+        bt = _Batch(x.to(dev), y.to(dev, torch.long), counts["clean"], start + counts["clean"], len(attacks),
+                    keep_adversarials)
         counts["clean"] += x.shape[0]
         t_clean = time.perf_counter()
         pred, bt.num_classes = _predict_on(model, bt.x, opt.batch_size, amp)  # (B,), K

@@ -1,0 +1,105 @@
+"""The evaluation engine sharded over ``torchrun`` processes, resumable per batch.
+
+The selected images ``x (N, C, H, W)`` are cut into fixed batches of positions
+``[k*B, (k+1)*B)``; each batch is one unit of ``robustkit.app.shard.map_units`` and runs through
+the one engine (``robustkit.evaluate.evaluate_attacks``) with its global offset ``k*B``. A batch
+therefore sees exactly the same inputs, attack calls, random starts (an attack's seeded
+generator restarts at every call) and per-image targets whatever the number of processes or the
+interruption pattern, so the joined ``Evaluation`` is identical per image (and in every total) to
+a one-process run. Each batch's record (``Evaluation.to_record``) is saved atomically the moment
+it is done under ``store_dir``; ``resume`` computes only the batches missing there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkit._evaluation import MODES, Evaluation
+from robustkit.app.shard import UnitStore, all_gather, map_units
+from robustkit.errors import CheckpointError, InputError
+from robustkit.evaluate import attack_labels, attack_list, evaluate_attacks
+from robustkit.threat import ThreatModel
+from robustkit.validate import integer, one_of
+from robustkit.zoo import fingerprint
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """16 hex digits of a SHA-256 over the raw bytes of ``x`` and ``y`` (part of the resume key)."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resume_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any, *, batch_size: int, mode: str,
+               threat: ThreatModel | None, seed: int, amp: bool, keep_adversarials: bool) -> dict[str, Any]:
+    """Everything a batch's record depends on: weights, images, attacks and their parameters, the
+    engine's settings. A store written under another key is not resumed from."""
+    atks = attack_list(attacks)
+    return {"weights": fingerprint(model), "data": data_fingerprint(x, y), "n": int(x.shape[0]),
+            "attacks": attack_labels(atks), "params": [a.params() if hasattr(a, "params") else {} for a in atks],
+            "batch_size": batch_size, "mode": mode, "seed": seed, "amp": amp, "keep_adversarials": keep_adversarials,
+            "threat": None if threat is None else [threat.norm, float(threat.eps)]}
+
+
+def store_matches(store: UnitStore) -> bool:
+    """Whether every rank's progress files in ``store`` were written under ``store.key`` and are
+    readable (a collective: every rank calls it). For callers that resume when they can and
+    start afresh otherwise (the benchmark)."""
+    try:
+        store.done()
+        ok = True
+    except (InputError, CheckpointError):
+        ok = False
+    return all(all_gather(ok))
+
+
+def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any, *, batch_size: int,
+                     mode: str = "chained", threat: ThreatModel | None = None, store_dir: str | Path | None = None,
+                     resume: bool = False, key: dict[str, Any] | None = None, seed: int = 0, amp: bool = False,
+                     keep_adversarials: bool = False, progress: bool = False, desc: str = "attack") -> Evaluation:
+    """``evaluate_attacks`` over ``x (N, C, H, W)``, ``y (N,)`` in fixed batches of ``batch_size``
+    points, shared out over the torchrun ranks; every rank returns the whole ``Evaluation``.
+
+    Per batch the engine gets ``batch_size`` as its attack-call size (one call per attack per
+    batch; attacks that batch themselves get the batch's active points). ``store_dir``: each
+    batch's record is saved there (``unit-<k>.json`` / ``.safetensors``) when done; ``resume``:
+    keep the batches already there (``InputError`` if they were made with other settings,
+    ``key`` adds the caller's); without it rank 0 clears the store first. ``seconds`` of the
+    result: the wall-clock of this call (restored batches cost none); the per-attack ``seconds``
+    are compute time summed over the batches, whichever rank ran them.
+    """
+    batch_size = integer("batch_size", batch_size, 1)
+    mode = one_of("mode", mode, MODES)
+    atks = attack_list(attacks)
+    n = int(x.shape[0])
+    if n < 1 or y.shape[:1] != x.shape[:1]:
+        raise InputError(f"need images (N, C, H, W) and labels (N,) with N >= 1, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    t0 = time.perf_counter()
+    store = None
+    if store_dir is not None:
+        full = {**resume_key(model, x, y, atks, batch_size=batch_size, mode=mode, threat=threat, seed=seed, amp=amp,
+                             keep_adversarials=keep_adversarials), **(key or {})}
+        store = UnitStore(Path(store_dir), full)
+    units = math.ceil(n / batch_size)
+
+    def compute(k: int) -> dict[str, Any]:
+        s = slice(k * batch_size, min((k + 1) * batch_size, n))
+        ev = evaluate_attacks(model, (x[s], y[s]), atks, mode=mode, threat=threat, batch_size=batch_size, amp=amp,
+                              seed=seed, keep_adversarials=keep_adversarials, progress=False, start=s.start)
+        return ev.to_record()
+
+    records = map_units(units, compute, store=store, resume=resume, progress=progress, desc=desc,
+                        weight=lambda k: min((k + 1) * batch_size, n) - k * batch_size)
+    ev = Evaluation.concat([Evaluation.from_record(r) for r in records])
+    ev.seconds = time.perf_counter() - t0
+    return ev
