@@ -1,0 +1,73 @@
+"""Launch ``robustkit`` commands under ``torchrun`` from tests (CPU, gloo), and kill one rank.
+
+``python -m torch.distributed.run --standalone`` picks a free rendezvous port, so tests (and
+several test runs on one box) never collide. Every process runs one torch thread. The ``--``
+before the robustkit arguments keeps torchrun's own parser off them (without it, robustkit's
+``--n`` is taken for an abbreviation of torchrun's ``--nnodes`` / ``--nproc-per-node``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+    env.pop("ROBUSTKIT_DEBUG", None)
+    return env
+
+
+def torchrun_argv(argv: Sequence[str], nproc: int = 2) -> list[str]:
+    """The command line of ``torchrun --standalone --nproc_per_node=N -m robustkit -- ARGV``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "robustkit", "--", *argv]
+
+
+def robustkit(argv: Sequence[str], nproc: int = 1, timeout: float = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``robustkit ARGV`` in ``nproc`` processes (``nproc == 1``: plain ``python -m robustkit``)."""
+    cmd = torchrun_argv(argv, nproc) if nproc > 1 else [sys.executable, "-m", "robustkit", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env))
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def kill_one_rank_when(argv: Sequence[str], ready: Callable[[], bool], nproc: int = 2, timeout: float = 300
+                       ) -> subprocess.CompletedProcess[str]:
+    """Start ``robustkit ARGV`` under torchrun, ``SIGKILL`` one worker as soon as ``ready()`` holds
+    (e.g. some progress files exist), and wait for torchrun to stop the rest."""
+    proc = subprocess.Popen(torchrun_argv(argv, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env())
+    t0 = time.monotonic()
+    killed = False
+    while proc.poll() is None and time.monotonic() - t0 < timeout:
+        if not killed and ready():
+            workers = _children(proc.pid)
+            if workers:
+                os.kill(max(workers), signal.SIGKILL)
+                killed = True
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate()
+    if not killed:
+        raise AssertionError(f"the run ended before a rank could be killed:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
