@@ -5,18 +5,24 @@ killed mid-run is resumed computing only the missing batches."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from _fake_attacks import WrongTarget
+from safetensors.torch import load_file
 
 from attacks.pgd import PGD
 from robustkit._evaluation import Evaluation
 from robustkit.app.shard import UnitStore
 from robustkit.app.sharded_eval import evaluate_sharded
+from robustkit.cli import main
 from robustkit.errors import InputError
 from robustkit.evaluate import evaluate_attacks, targets
+from robustkit.zoo import save
+from tests._torchrun import kill_one_rank_when, robustkit
 
 PER_IMAGE = ("clean_correct", "pred_clean", "y", "attacked", "broken", "unverified", "broken_by", "l2", "linf",
              "queries", "queries_to_success")
@@ -105,3 +111,70 @@ def test_resume_computes_only_missing_batches(tiny_mnist_model, data, tmp_path: 
         evaluate_sharded(tiny_mnist_model, x, y, atk, batch_size=16, store_dir=tmp_path, resume=True, seed=3)
     evaluate_sharded(tiny_mnist_model, x, y, atk, batch_size=16, store_dir=tmp_path, seed=3)   # no resume: clears
     assert starts[2:] == [0, 16, 32, 48]
+
+
+# -- robustkit attack under torchrun (2 gloo processes) ------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_mnist_model) -> str:
+    return str(save(tiny_mnist_model, tmp_path_factory.mktemp("model") / "m"))
+
+
+def _results(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``results.json`` without timings / paths, and ``per_image.json``."""
+    res = json.loads((out / "results.json").read_text())
+    for k in ("seconds", "processes", "config", "curve"):
+        res.pop(k, None)
+    res["per_attack"] = [{k: v for k, v in r.items() if k != "seconds"} for r in res["per_attack"]]
+    return res, json.loads((out / "per_image.json").read_text())
+
+
+ATTACK = ("attack", "--device", "cpu", "--attack", "pgd,deepfool", "--eps", "0.1", "--steps", "3", "--n", "64",
+          "--batch-size", "12", "--targeted")
+
+
+def test_attack_two_processes_equal_one(model_dir: str, tmp_path: Path) -> None:
+    """Per image (label, prediction, robust, broken_by, l2, linf, queries) and in every total the
+    same with 1 and 2 processes; rank 0 alone writes and reports."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*ATTACK, "--model", model_dir, "--out", str(one), "--save-adversarials"]) == 0
+    r = robustkit([*ATTACK, "--model", model_dir, "--out", str(two), "--save-adversarials"], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert _results(one) == _results(two)
+    per = _results(two)[1]["runs"][0]["records"]
+    assert len(per) == 64 and {p["broken_by"] for p in per} >= {"pgd", None}
+    a, b = load_file(str(one / "adversarials.safetensors")), load_file(str(two / "adversarials.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((two / "results.json").read_text())["processes"] == 2
+    assert r.stdout.count("results:") == 1 and r.stdout.count("robust ") == 1
+    assert len(list((two / "parts" / "eps-0").glob("unit-*.json"))) == 6                  # ceil(64 / 12)
+
+
+def test_attack_kill_one_rank_then_resume(model_dir: str, tmp_path: Path) -> None:
+    """A rank SIGKILLed mid-run: ``--resume`` keeps every batch already saved, computes the rest,
+    and gives the results of an uninterrupted run."""
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    args = ("attack", "--model", model_dir, "--device", "cpu", "--attack", "pgd", "--eps", "0.1", "--steps", "40",
+            "--restarts", "2", "--n", "64", "--batch-size", "4")
+    parts = out / "parts" / "eps-0"
+    run = kill_one_rank_when([*args, "--out", str(out)], lambda: len(list(parts.glob("unit-*.json"))) >= 3)
+    assert run.returncode != 0 and not (out / "results.json").exists()
+    before = {f.name: f.read_text() for f in parts.glob("unit-*.json")}
+    assert 3 <= len(before) < 16
+    r = robustkit([*args, "--out", str(out), "--resume"], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for name, text in before.items():                                   # saved batches were not recomputed
+        assert (parts / name).read_text() == text
+    assert len(list(parts.glob("unit-*.json"))) == 16
+    assert main([*args, "--out", str(ref)]) == 0
+    assert _results(out) == _results(ref)
+
+
+def test_attack_bad_input_under_torchrun(model_dir: str, tmp_path: Path, capsys) -> None:
+    r = robustkit(["attack", "--model", model_dir, "--device", "cpu", "--eps", "0.1", "--n", "1",
+                   "--out", str(tmp_path / "o")], nproc=2)
+    assert r.returncode != 0 and "robustkit: error: torchrun started 2 processes for 1 images" in r.stderr
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["attack", "--model", model_dir, "--device", "cpu", "--eps", "0.1", "--n", "4",
+                 "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "cannot be created" in capsys.readouterr().err

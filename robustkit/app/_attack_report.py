@@ -1,6 +1,6 @@
 """The parts of ``robustkit attack``'s report beyond the main table: the robustness curve, the
-query-budget table of query-based attacks and the saved adversarial examples (see
-``robustkit.app.attack``)."""
+query-budget table of query-based attacks, the saved adversarial examples and the per-image
+records (see ``robustkit.app.attack``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,23 @@ from typing import Any
 
 import torch
 
+from robustkit.io import atomic_write_json
 from robustkit.report import image_grid, line_plot, md_table
+
+
+def per_image(out: Path, eps: list[str | None], results: list[dict[str, Any]]) -> Path:
+    """``per_image.json``: per eps value, one record per image (in selection order): label, clean
+    prediction, clean-correct, robust, the attack that broke it (``None``: none did), the size of
+    that break, the queries spent on it. The same for any number of processes."""
+    runs = []
+    for e, r in zip(eps, results):
+        cols = [r[k].tolist() for k in ("y", "pred_clean", "clean_correct", "robust", "l2", "linf", "queries",
+                                        "queries_to_success")]
+        runs.append({"eps": e, "records": [
+            {"index": i, "label": lab, "pred_clean": p, "clean_correct": c, "robust": rb, "broken_by": b, "l2": l2,
+             "linf": li, "queries": q, "queries_to_success": qs}
+            for i, (lab, p, c, rb, l2, li, q, qs, b) in enumerate(zip(*cols, r["broken_by"]))]})
+    return atomic_write_json(out / "per_image.json", {"format": "robustkit-attack-per-image/1", "runs": runs})
 
 
 def curve_section(out: Path, res: dict[str, Any], name: str) -> list[str]:

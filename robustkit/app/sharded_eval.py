@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,22 @@ from robustkit.evaluate import attack_labels, attack_list, evaluate_attacks
 from robustkit.threat import ThreatModel
 from robustkit.validate import integer, one_of
 from robustkit.zoo import fingerprint
+
+
+def check_output_dir(out: str | Path) -> None:
+    """``InputError`` unless ``out`` is (or can be created as) a writable directory; creates nothing,
+    so it can run before any work."""
+    out = Path(out)
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == out else f"cannot be created: {probe} is a file"
+        raise InputError(f"output directory {out} {where}; give --out a directory path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {out}: {probe} is not writable; give --out a writable directory")
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:

@@ -4,11 +4,14 @@
     robustkit attack --model runs/quick --attack pgd,deepfool --norm l2 --eps 2.0 --out out/chain
     robustkit attack --model runs/quick --attack pgd --eps 0,0.05,0.1,0.2,0.3 --out out/curve
     robustkit attack --model runs/quick --config configs/attack_mnist5k_pgd_linf.yaml --set params.steps=100
+    torchrun --nproc_per_node=4 -m robustkit attack --model runs/quick --attack pgd --eps 0.3 --out out/pgd
 
 Flags, ``--param key=value`` and ``--set key=value`` fill an ``AttackConfig``; the dedicated
 flags and ``--param`` go to every attack of the chain that accepts them, one no attack accepts
 is an error. The chain runs on the evaluation engine (every claimed success verified); see
-``robustkit.app.attack`` for what is written to ``--out``.
+``robustkit.app.attack`` for what is written to ``--out``. Under torchrun the batches are shared
+out over the processes (same per-image results as one process); ``--resume`` computes only the
+batches not yet saved under ``OUT/parts``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: runs/attack-<attack>)")
     p.add_argument("--save-adversarials", action="store_true", default=None,
                    help="write adversarials.safetensors and plots/adversarials.png")
+    p.add_argument("--resume", action="store_true",
+                   help="compute only the batches not yet saved in OUT/parts (same settings; e.g. after a crash)")
     add_config_args(p, "attack")
     add_common(p)
     p.set_defaults(func=run, dataset=None, download=None, seed=None)
@@ -57,12 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from robustkit.app.attack import run_attack
+    from robustkit.app.shard import world
     from robustkit.config import AttackConfig
     from robustkit.device import resolve_device
 
     flags = {**{k: getattr(args, k) for k in FLAGS}, **{f"params.{k}": getattr(args, k) for k in PARAM_FLAGS}}
     cfg = make_config(AttackConfig, args, flags, param_overrides(args.param, "params"))
     res = run_attack(cfg, resolve_device(args.device), log=print,
-                     warn=lambda m: print(f"robustkit: warning: {m}", file=sys.stderr))
-    print(f"results: {res['out']}/results.json")
+                     warn=lambda m: print(f"robustkit: warning: {m}", file=sys.stderr), resume=args.resume)
+    if world().is_main:
+        print(f"results: {res['out']}/results.json")
     return 0
