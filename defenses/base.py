@@ -13,6 +13,11 @@ The ``Trainer`` (``defenses/trainer.py``) calls, per batch::
 (eps ramps, AWP warm-up) can depend on training progress. ``model`` is in train
 mode when ``loss`` is called; objectives with an inner maximization switch to eval
 mode for the attack and back (batch-norm statistics are not updated by the attack).
+
+Under DDP (``torchrun``) the model handed to the hooks is the ``DistributedDataParallel``
+wrapper: DDP averages the gradients of the *loss* over the ranks, nothing else. A hook that
+derives state from its own autograd calls (AWP's proxy gradient) makes it identical on every
+replica with ``average_across_replicas`` (a no-op in one process).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -56,3 +62,41 @@ class Defense:
     def params(self) -> dict[str, Any]:
         return {"defense": self.name, **{k: v for k, v in vars(self).items()
                                          if not k.startswith("_") and isinstance(v, (int, float, str, bool))}}
+
+
+# -- DDP helpers (plain torch.distributed: defenses sit below robustkit.app) ------------
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def replicated(model: nn.Module) -> bool:
+    """True when ``model`` is a DDP replica (other ranks hold the same weights and step together)."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and _group_size() > 1
+
+
+def average_across_replicas(tensors: list[torch.Tensor]) -> None:
+    """In place, each tensor becomes its mean over the ranks: one all-reduce per dtype over a flat
+    buffer. Every rank ends with the same bits (the all-reduce returns one result to all ranks and
+    the division is the same on each). No-op outside an initialized process group of size > 1."""
+    if not tensors or _group_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])                   # (sum of numels,)
+        dist.all_reduce(flat)                                              # sum over ranks
+        flat /= dist.get_world_size()
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if _group_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -9,6 +9,14 @@ Resume is exact: the checkpoint holds the weights, optimizer, scheduler, AMP sca
 and RNG states and the position (epoch, batch) in the deterministic loader order, so
 an interrupted run continued with ``resume=True`` ends with the same weights as an
 uninterrupted one (on the same device).
+
+Under DDP (``model`` a ``DistributedDataParallel`` replica, ``torchrun``): the loader gives
+each rank its shard, DDP averages the gradients, so gradient clipping, the AMP scaler's
+inf check and the per-step schedule see the same numbers on every rank; the epoch's metrics
+(``train_loss`` ...) are averaged over all ranks' batches (one all-reduce per epoch); only the
+main process (rank 0) shows progress, evaluates, logs and writes checkpoints. A checkpoint
+holds every rank's RNG state and epoch sums (gathered), so ``resume`` is exact under DDP as
+well, with the same number of processes.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from defenses.base import Defense, StepContext
+from defenses.base import Defense, StepContext, gather_objects, replicated
 from defenses.schedules import Schedule, lr_lambda
 from robustkit.data import TensorLoader
 from robustkit.errors import InputError
@@ -47,6 +55,15 @@ def make_optimizer(params, name: str = "sgd", lr: float = 0.1, momentum: float =
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def check_resume_world(state: dict[str, Any], world_size: int) -> None:
+    """``InputError`` unless the trainer ``state`` was written by ``world_size`` processes."""
+    saved = int(state.get("world_size", 1))
+    if saved != world_size:
+        raise InputError(f"resume: the checkpoint was written by {saved} process(es), this run has {world_size}; "
+                         f"resume with {saved} (torchrun --nproc_per_node / --nnodes: the batch position and the "
+                         "per-rank random states depend on it), or start a new run from checkpoints/last with --model")
+
+
 class Trainer:
     """Train ``model`` with ``defense`` on ``loader`` for ``epochs``.
 
@@ -60,14 +77,15 @@ class Trainer:
         run: where checkpoints and metrics go (``None``: keep nothing on disk).
         best_by: metric that selects ``checkpoints/best`` (higher is better).
         checkpoint_every: also write ``last`` every N optimizer steps (0: per epoch only).
-        is_main: only the main process (DDP rank 0) writes files.
+        is_main: whether this process writes files and shows progress; default: rank 0 of the
+            process group (``True`` without one).
     """
 
     def __init__(self, model: nn.Module, defense: Defense, loader: TensorLoader, *, epochs: int,
                  optimizer: torch.optim.Optimizer, schedule: Schedule, amp: bool = False,
                  channels_last: bool = False, grad_clip: float | None = None, evaluator: Evaluator | None = None,
                  run: RunDir | None = None, best_by: str = "robust_accuracy", checkpoint_every: int = 0,
-                 progress: bool = True, is_main: bool = True) -> None:
+                 progress: bool = True, is_main: bool | None = None) -> None:
         integer("epochs", epochs, minimum=1)
         integer("checkpoint_every", checkpoint_every, minimum=0)
         if grad_clip is not None:
@@ -75,7 +93,11 @@ class Trainer:
         self.model, self.defense, self.loader, self.epochs = model, defense, loader, epochs
         self.optimizer, self.amp, self.grad_clip = optimizer, amp, grad_clip
         self.evaluator, self.run, self.best_by = evaluator, run, best_by
+        if is_main is None:
+            is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self.checkpoint_every, self.progress, self.is_main = checkpoint_every, progress, is_main
+        self.ddp = replicated(model)
+        self.world_size = torch.distributed.get_world_size() if self.ddp else 1
         self.steps_per_epoch = max(len(loader), 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(schedule, epochs * self.steps_per_epoch))
@@ -88,19 +110,34 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.epoch, self.batch, self.step, self.best = 0, 0, 0, -math.inf
         self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, torch.Tensor | float] = {}   # this rank's log sums over the epoch so far
+        self._n_batches = 0
 
     # -- state ---------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between DDP ranks: RNG states and the epoch's log sums so far."""
+        r: dict[str, Any] = {"rng_cpu": torch.get_rng_state(), "n_batches": self._n_batches,
+                             "sums": {k: float(v) for k, v in self._sums.items()}}
+        if self.device.type == "cuda":
+            r["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return r
+
     def state(self) -> dict[str, Any]:
+        """The resumable state. Under DDP a collective (gathers every rank's RNG state): call it
+        on every rank."""
         s: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
                              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                             "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
+                             "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                             "world_size": self.world_size}
         if torch.cuda.is_available():
             s["rng_cuda"] = torch.cuda.get_rng_state_all()
         if hasattr(self.defense, "state_dict"):
             s["defense"] = self.defense.state_dict()
+        s["ranks"] = gather_objects(self._rank_state()) if self.ddp else [self._rank_state()]
         return s
 
     def load_state(self, s: dict[str, Any]) -> None:
+        check_resume_world(s, self.world_size)
         self.epoch, self.batch, self.step = int(s["epoch"]), int(s["batch"]), int(s["step"])
         self.best = float(s.get("best", -math.inf))
         self.optimizer.load_state_dict(s["optimizer"])
@@ -110,12 +147,23 @@ class Trainer:
         torch.set_rng_state(s["rng_cpu"])
         if "rng_cuda" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["rng_cuda"])
+        rank = torch.distributed.get_rank() if self.ddp else 0
+        mine = s["ranks"][rank] if "ranks" in s else {}
+        if mine:
+            torch.set_rng_state(mine["rng_cpu"])
+            if "rng_cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
+            self._sums, self._n_batches = dict(mine["sums"]), int(mine["n_batches"])
         if "defense" in s and hasattr(self.defense, "load_state_dict"):
             self.defense.load_state_dict(s["defense"])
 
     def _checkpoint(self, name: str = "last") -> None:
-        if self.run is not None and self.is_main:
-            self.run.save_checkpoint(name, unwrap(self.model), self.state() if name == "last" else None)
+        """Write checkpoint ``name`` (main process only). A collective under DDP: every rank calls it."""
+        if self.run is None:
+            return
+        state = self.state() if name == "last" else None
+        if self.is_main:
+            self.run.save_checkpoint(name, unwrap(self.model), state)
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -135,10 +183,11 @@ class Trainer:
             improved = record.get(self.best_by, -math.inf) > self.best
             if improved:
                 self.best = record[self.best_by]
-            if self.run is not None and self.is_main:
-                self.run.log(record)
+            if self.run is not None:
+                if self.is_main:
+                    self.run.log(record)
                 self._checkpoint("last")
-                if improved or self.run.checkpoint_dir("best") is None:
+                if self.is_main and (improved or self.run.checkpoint_dir("best") is None):
                     self._checkpoint("best")
         return self.history
 
@@ -147,8 +196,9 @@ class Trainer:
         loader.set_epoch(self.epoch)
         model.train()
         t0 = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        n_batches = 0
+        if self.batch == 0:  # a fresh epoch (resuming mid-epoch keeps the sums of the checkpoint)
+            self._sums, self._n_batches = {}, 0
+        sums = self._sums
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
                    disable=not (self.progress and self.is_main), leave=False, initial=self.batch)
         for b, (x, y) in enumerate(loader):
@@ -158,18 +208,30 @@ class Trainer:
             logs = self._train_step(x, y, ctx)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
-            n_batches += 1
+            self._n_batches += 1
             self.step, self.batch = self.step + 1, b + 1
             bar.update(1)
-            if n_batches % 20 == 0:
-                bar.set_postfix({k: f"{float(v) / n_batches:.3f}" for k, v in sums.items()})
+            if self.is_main and self.progress and self._n_batches % 20 == 0:
+                bar.set_postfix({k: f"{float(v) / self._n_batches:.3f}" for k, v in sums.items()})
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
                 self._checkpoint("last")
         bar.close()
         rec: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
                                "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": time.perf_counter() - t0}
-        rec.update({f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()})
+        rec.update({f"train_{k}": v for k, v in self._epoch_means().items()})
         return rec
+
+    def _epoch_means(self) -> dict[str, float]:
+        """Each log's mean over the epoch's batches, of all ranks under DDP (one all-reduce:
+        with equal per-rank batches it is the mean over the global batches)."""
+        keys = sorted(self._sums)
+        vals = [float(self._sums[k]) for k in keys] + [float(self._n_batches)]
+        if self.ddp:
+            t = torch.tensor(vals, dtype=torch.float64, device=self.device)    # (len(keys) + 1,)
+            torch.distributed.all_reduce(t)
+            vals = t.tolist()
+        n = max(vals[-1], 1.0)
+        return {k: v / n for k, v in zip(keys, vals[:-1])}
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, Any]:
         self.defense.before_loss(self.model, x, y, ctx)

@@ -21,6 +21,14 @@ attack (eval mode) or the proxy. Perturbed tensors: parameters with more than on
 whose name contains ``weight`` (conv / linear weights; not biases, not batch-norm), as in the
 codes. The proxies' SGD learning rates (AWP 0.01 for AT, the main LR 0.1 for TRADES) cancel in
 the normalizations below, so the ascent direction is the plain gradient.
+
+Under DDP each rank's proxy sees only its shard of the batch, and DDP reduces the gradients
+of the trainer's loss, not these ``autograd.grad`` calls: every ascent gradient is averaged
+over the ranks (``ascent``) before it is used, so it is the gradient of the objective on the
+global batch (equal per-rank batches) and every replica applies the same perturbation, bit
+for bit. Neither rule draws random numbers (RWP here is Yu et al.'s *robust* perturbation,
+not a random one); the random starts of the adversarial examples differ per rank, as they
+must (different images).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from torch import nn
 
 from defenses._adversarial import check_positive
-from defenses.base import Defense, StepContext
+from defenses.base import Defense, StepContext, average_across_replicas, replicated
 from robustkit.errors import InputError
 from robustkit.registry import DEFENSES
 from robustkit.zoo import unwrap
@@ -97,11 +105,16 @@ class _WeightPerturbation(Defense):
         self._proxy.train(net.training)
         return self._proxy
 
-    def ascent(self, proxy: nn.Module, names: list[str], loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The gradient of ``loss`` w.r.t. the proxy's perturbed tensors (the SGD ascent direction)."""
+    def ascent(self, proxy: nn.Module, names: list[str], loss: torch.Tensor, across: nn.Module | None = None
+               ) -> dict[str, torch.Tensor]:
+        """The gradient of ``loss`` w.r.t. the proxy's perturbed tensors (the SGD ascent direction),
+        averaged over the DDP ranks when ``across`` (the trainer's model) is a DDP replica."""
         params = dict(proxy.named_parameters())
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        return {n: (g if g is not None else torch.zeros_like(params[n])).detach() for n, g in zip(names, grads)}
+        out = {n: (g if g is not None else torch.zeros_like(params[n])).detach() for n, g in zip(names, grads)}
+        if across is not None and replicated(across):
+            average_across_replicas(list(out.values()))
+        return out
 
     def direction(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
@@ -173,7 +186,7 @@ class AWP(_WeightPerturbation):
                   ) -> dict[str, torch.Tensor]:
         names = [n for n, _ in self._perturbed(model)]
         proxy = self.proxy(model)
-        d = self.ascent(proxy, names, self._objective(proxy, x, x_adv, y))
+        d = self.ascent(proxy, names, self._objective(proxy, x, x_adv, y), across=model)
         w = dict(self._perturbed(model))
         return {n: w[n].detach().norm() / (d[n].norm() + _EPS) * d[n] for n in names}
 
@@ -224,7 +237,7 @@ class RWP(_WeightPerturbation):
             proxy = self.proxy(model, {n: self.gamma * s for n, s in scaled.items()})
             per = self._objective(proxy, x, x_adv, y, reduction="none")           # (B,)
             keep = (per.detach() < self.c_min).to(per.dtype)                     # (B,) the LSC
-            step = self.ascent(proxy, names, (per * keep).mean())
+            step = self.ascent(proxy, names, (per * keep).mean(), across=model)
             diff = {n: diff[n] + step[n] for n in names}
             scale = w_norm / (torch.cat([diff[n].flatten() for n in names]).norm() + _EPS)
             scaled = {n: scale * diff[n] for n in names}

@@ -10,13 +10,31 @@ Everything that can reject the input (the run directory, the model and its fit t
 dataset, the objective's and the schedule's parameters, the per-epoch attack) is built
 before anything is written. Under ``torchrun`` the model is wrapped in DDP and only rank 0
 writes. Library code: no CLI, no argparse.
+
+Under ``torchrun`` (``robustkit.app.shard.setup``: NCCL on CUDA, gloo on CPU, ``cuda:LOCAL_RANK``):
+
+- every rank validates the whole input (run directory, model, objective, data, schedule,
+  optimizer, evaluator); if any rank fails, every rank raises the same error and nothing is
+  written. Then rank 0 alone writes (config, metrics, checkpoints, report) and evaluates;
+- the global batch is ``data.batch_size x WORLD_SIZE``: rank ``r`` takes positions ``r, r + W,
+  ...`` of the epoch's permutation, so its ``b``-th batch and the other ranks' together are
+  exactly the ``b``-th batch of one process with ``W`` times the batch size. A training set
+  whose size is not a multiple of ``W`` loses its last ``n mod W`` samples (so every rank takes
+  the same number of equal-sized steps; the loss is then the global mean);
+- the model's initial weights are those of rank 0 (DDP broadcasts them); the training RNG
+  (random starts, noise) differs per rank: rank 0 keeps the single-process stream, rank ``r``
+  is reseeded from ``(seed, r)``;
+- batch norm: each rank normalizes its own batch (no SyncBatchNorm), and DDP broadcasts rank
+  0's running statistics before every forward, so the saved model holds rank 0's;
+- the call returns on every rank after rank 0 has written everything (a barrier), so the
+  next stage of a pipeline can read the run directory on any rank.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +45,13 @@ import torch
 import defenses  # noqa: F401  (registers the objectives)
 from defenses.base import Defense
 from defenses.schedules import Schedule, make_schedule
-from defenses.trainer import Trainer, make_optimizer
+from defenses.trainer import Trainer, check_resume_world, make_optimizer
+from robustkit import errors
+from robustkit.app import shard
 from robustkit.app.build import build_attack
 from robustkit.config import TrainConfig, dump_yaml, to_dict
 from robustkit.data import Data, TensorLoader, dataset_info, load_data, make_loader
-from robustkit.errors import CheckpointError, ConfigError
+from robustkit.errors import CheckpointError, ConfigError, RobustkitError
 from robustkit.evaluate import clean_accuracy, robust_accuracy
 from robustkit.registry import DEFENSES
 from robustkit.report import line_plot, md_table, write_markdown, write_results
@@ -131,10 +151,61 @@ def make_evaluator(cfg: TrainConfig, device: torch.device) -> Callable[[RobustMo
     return evaluate
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) under torchrun; (0, 1, 0) otherwise."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
+def agree(build: Callable[[], Any]) -> Any:
+    """``build()`` on every rank; if it raises on any rank, every rank raises: its own error, or a
+    copy of the first failing rank's (a ``RobustkitError`` keeps its type, anything else is a
+    bug and becomes a ``RuntimeError``). A collective under torchrun; plain ``build()`` otherwise."""
+    if not shard.world().distributed:
+        return build()
+    try:
+        out, failure = build(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        out, failure = None, e
+    reports = shard.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
+    bad = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+    if not bad:
+        return out
+    if failure is not None:
+        raise failure
+    rank, (kind, msg) = bad[0]
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, RobustkitError):
+        raise cls(msg)
+    raise RuntimeError(f"rank {rank} failed: {kind}: {msg}")
+
+
+def _even_shards(loader: TensorLoader, world: shard.World) -> TensorLoader:
+    """``loader`` with its last ``n mod W`` samples dropped, so every rank's shard has the same size
+    (and the same number of steps: DDP hangs otherwise)."""
+    n = len(loader.data)
+    shard.check_enough(n, "training samples")
+    extra = n % world.size
+    if not extra:
+        return loader
+    if world.is_main:
+        print(f"robustkit: {n} training samples for {world.size} processes: the last {extra} are left out "
+              "so that every rank takes equal batches", file=sys.stderr)
+    d = loader.data
+    return TensorLoader(Data(d.info, d.images[:n - extra], d.labels[:n - extra]), loader.batch_size,
+                        loader.shuffle, loader.seed, loader.augment, loader.drop_last, world.rank, world.size,
+                        loader.device)
+
+
+def resume_state(run: RunDir) -> dict[str, Any]:
+    """The trainer state of ``checkpoints/last`` (memory-mapped: only its small fields are read)."""
+    d = run.checkpoint_dir("last")
+    f = d / "state.pt" if d is not None else None
+    if f is None or not f.exists():
+        return {}
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{f}: corrupt trainer state ({type(e).__name__})") from None
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The training RNG seed of ``rank``: ``seed`` on rank 0 (= one process), distinct per rank."""
+    return seed if rank == 0 else (seed * 1_000_003 + 7_919 * rank) % 2**63
 
 
 def best_metric(cfg: TrainConfig) -> str:
@@ -150,46 +221,50 @@ def train(cfg: TrainConfig, out: str | Path, device: torch.device, resume: bool 
     ``results.json``, ``report.md`` and ``plots/training_curves.png``. DDP under ``torchrun``.
     A timm / ``tv:`` name in ``model.pretrained`` is saved to ``out/pretrained`` and the recorded
     config points there, so the run says exactly which weights it started from."""
-    rank, world, local = _dist()
-    if world > 1:
-        import torch.distributed as dist
+    world, device = shard.setup(device)
+    run = RunDir(out)
 
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    run = RunDir(out).check(resume)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device)
-    defense = build_defense(cfg)
-    loader = make_loader(cfg.data.name, "train", batch_size=cfg.data.batch_size, n=cfg.data.n_train, seed=cfg.seed,
-                         augment=cfg.data.augment, data_root=cfg.data.root, download=cfg.data.download,
-                         rank=rank, world_size=world, device=device)
+    def validated() -> tuple[RobustModel, Defense, TensorLoader, Schedule, Callable | None]:
+        run.check(resume)
+        if resume:
+            check_resume_world(resume_state(run), world.size)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, device)
+        defense = build_defense(cfg)
+        loader = make_loader(cfg.data.name, "train", batch_size=cfg.data.batch_size, n=cfg.data.n_train,
+                             seed=cfg.seed, augment=cfg.data.augment, data_root=cfg.data.root,
+                             download=cfg.data.download, rank=world.rank, world_size=world.size, device=device)
+        o = cfg.optim
+        make_optimizer(model.parameters(), o.name, o.lr, o.momentum, o.weight_decay, o.nesterov)  # validates
+        evaluator = make_evaluator(cfg, device) if world.is_main else None
+        return model, defense, _even_shards(loader, world) if world.distributed else loader, build_schedule(cfg), \
+            evaluator
+
+    model, defense, loader, schedule, evaluator = agree(validated)  # every rank, or none, goes on
     net: torch.nn.Module = model
-    if world > 1:
+    if world.distributed:
+        torch.manual_seed(rank_seed(cfg.seed, world.rank))
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    schedule = build_schedule(cfg)
     o = cfg.optim
     optimizer = make_optimizer(net.parameters(), o.name, o.lr, o.momentum, o.weight_decay, o.nesterov)
-    evaluator = make_evaluator(cfg, device) if rank == 0 else None
     start_from = cfg.model.pretrained if names_a_model(cfg.model.pretrained) else None
     if start_from:
         cfg = copy.deepcopy(cfg)
         cfg.model.pretrained, cfg.model.arch = str(run.path / "pretrained"), start_from
-    if rank == 0:  # the input is valid: from here on we write
+    if world.is_main:  # the input is valid on every rank: from here on rank 0 writes
         run.create(dump_yaml(cfg), resume=resume)
         if start_from:
             save(model, run.path / "pretrained")
     trainer = Trainer(net, defense, loader, epochs=cfg.epochs, optimizer=optimizer, schedule=schedule,
                       amp=cfg.amp, channels_last=cfg.channels_last, grad_clip=cfg.grad_clip, evaluator=evaluator,
                       run=run, best_by=best_metric(cfg), checkpoint_every=cfg.checkpoint_every,
-                      progress=progress, is_main=rank == 0)
+                      progress=progress, is_main=world.is_main)
     t0 = time.perf_counter()
     history = trainer.fit(resume=resume)
-    if rank == 0:
+    if world.is_main:
         write_training_report(run, cfg, history, time.perf_counter() - t0)
+    shard.barrier()  # the run directory is complete when any rank returns
     return run
 
 
