@@ -84,6 +84,21 @@ def test_strided_shards_make_the_global_batch_of_one_process():
             assert y1.tolist() == torch.stack([y_r0, y_r1], 1).flatten().tolist()
 
 
+def test_uneven_training_sets_give_every_rank_the_same_steps():
+    """257 samples on 2 ranks: 129 + 128 would be 5 + 4 batches of 32 (DDP hangs on the fifth); the
+    pipeline drops the last sample, so each rank takes 4 equal batches."""
+    from robustkit.app.shard import World
+    from robustkit.app.train import _even_shards
+
+    data = Data(None, torch.zeros(257, 1, 1, 1, dtype=torch.uint8), torch.arange(257))
+    raw = [TensorLoader(data, 32, shuffle=True, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(x) for x in raw] == [5, 4]
+    even = [_even_shards(x, World(r, 2, r)) for r, x in enumerate(raw)]
+    assert [len(x) for x in even] == [4, 4] and [len(x.data) for x in even] == [256, 256]
+    sizes = [[len(y) for _, y in x] for x in even]
+    assert sizes[0] == sizes[1] == [32, 32, 32, 32]
+
+
 def test_one_run_directory_written_by_rank_0_only(runs):
     root, ranks, _ = runs
     assert _files(root / "two") == EXPECTED_FILES          # no temp/old/rank-suffixed files or dirs
