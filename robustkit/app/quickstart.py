@@ -25,6 +25,7 @@ own files (``settings.json``, ``timings.json``, ``report.md``).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -76,7 +77,7 @@ class Settings:
         """The full-size run: Fashion-MNIST, sized for about 30-40 minutes on 2 CPU cores with 2
         torchrun processes (see ``configs/*_fashion_full.yaml``)."""
         return cls(dataset="fashion-mnist", data_root=data_root, pretrain_epochs=4, finetune_epochs=2,
-                   trades_steps=5, noise_epochs=4, ibp_epochs=4, eval_n=1000, smoothing_images=200,
+                   trades_steps=5, noise_epochs=4, ibp_epochs=4, eval_n=1000, smoothing_images=500,
                    smoothing_n=10_000, bench_n=10_000, ibp_images=10_000, bench_attacks=("autoattack",),
                    eps_curve=False, attack_params={"autoattack": {"attacks": list(FULL_AA_ATTACKS)}})
 
@@ -116,6 +117,27 @@ def stage_configs(s: Settings, out: Path) -> dict[str, TrainConfig]:
     }
 
 
+def plan(s: Settings, out: str | Path) -> list[str]:
+    """One line per stage: what ``run_quickstart`` with ``s`` will do (``robustkit quickstart --plan``)."""
+    out = Path(out)
+    lines = [f"quickstart on {s.dataset} -> {out} (settings: {json.dumps(asdict(s), default=str)})"]
+    for name, cfg in stage_configs(s, out).items():
+        d, wp = cfg.defense, cfg.defense.weight_perturbation
+        src = f", from {cfg.model.pretrained}" if cfg.model.pretrained else ""
+        what = d.name + (f" + {wp}" if wp else "") + (f" {d.params}" if d.params else "")
+        lines.append(f"  {name:<9}  {cfg.model.arch} {what}, "
+                     f"{cfg.epochs} epochs, schedule {cfg.schedule.name}, {cfg.data.n_train or 'all'} training "
+                     f"images, batch {cfg.data.batch_size} per process{src}")
+    lines.append(f"  certify    smoothing (noise model): sigma={s.sigma} n0={s.smoothing_n0} n={s.smoothing_n} "
+                 f"alpha={s.alpha} on {s.smoothing_images} test images; IBP L-inf eps={s.ibp_eps} (ibp and standard "
+                 f"models) on {s.ibp_images} test images")
+    b = benchmark_config(out, s)
+    lines.append(f"  benchmark  {', '.join(autoattack_label(s) if a == 'autoattack' else a for a in b.attacks)}, "
+                 f"L-inf eps={s.eps}, first {b.n} test images, models {', '.join(Path(m).name for m in b.models)}, "
+                 f"IBP certificates; PGD eps curve: {'yes' if b.eps_grid else 'no'}")
+    return lines
+
+
 def _done(d: Path) -> bool:
     return (d / "results.json").is_file()
 
@@ -130,6 +152,8 @@ def run_quickstart(out: str | Path, device: torch.device, full: bool = False, pr
     w, device = shard.setup(device)
     out = Path(out)
     s = settings or Settings.make(full)
+    for split in ("train", "test"):               # the data must be there before anything is written
+        load_data(s.dataset, split, s.data_root)
     say = log if w.is_main else (lambda m: None)
     timings: dict[str, float] = {}
     if w.is_main:
