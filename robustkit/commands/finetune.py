@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustkit.app.shard import world
     from robustkit.app.train import train
 
     cfg = config_from_args(args, base=DEFAULTS)
@@ -37,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg.defense.weight_perturbation:
         cfg.defense.wp_params.setdefault("warmup_epochs", 0)
     run_dir = train(cfg, args.out, setup(args), resume=args.resume)
-    print(summary("fine-tuned", cfg, run_dir))
+    if world().is_main:                           # under torchrun: rank 0 reports
+        print(summary("fine-tuned", cfg, run_dir))
     return 0

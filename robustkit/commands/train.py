@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustkit.app.shard import world
     from robustkit.app.train import train
     from robustkit.zoo import is_arch
 
@@ -28,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
         args.arch, args.model = args.model, None  # `train --model ibp-small`: an architecture to train from scratch
     cfg = config_from_args(args)
     run_dir = train(cfg, args.out, setup(args), resume=args.resume)
-    print(summary("trained", cfg, run_dir))
+    if world().is_main:                           # under torchrun: rank 0 reports
+        print(summary("trained", cfg, run_dir))
     return 0
