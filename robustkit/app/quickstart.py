@@ -76,8 +76,8 @@ class Settings:
     def full(cls, data_root: str | None = None) -> Settings:
         """The full-size run: Fashion-MNIST, sized for about 30-40 minutes on 2 CPU cores with 2
         torchrun processes (see ``configs/*_fashion_full.yaml``)."""
-        return cls(dataset="fashion-mnist", data_root=data_root, pretrain_epochs=4, finetune_epochs=2,
-                   trades_steps=5, noise_epochs=4, ibp_epochs=4, eval_n=1000, smoothing_images=500,
+        return cls(dataset="fashion-mnist", data_root=data_root, pretrain_epochs=8, finetune_epochs=3,
+                   trades_steps=5, noise_epochs=8, ibp_epochs=6, eval_n=1000, smoothing_images=500,
                    smoothing_n=10_000, bench_n=10_000, ibp_images=10_000, bench_attacks=("autoattack",),
                    eps_curve=False, attack_params={"autoattack": {"attacks": list(FULL_AA_ATTACKS)}})
 
