@@ -1,5 +1,6 @@
-"""The benchmark's models: loading (names, devices), weight fingerprints for the resume key, and
-the noise sigma of runs trained for randomized smoothing (see ``robustkit.app.benchmark``)."""
+"""The benchmark's models: loading (names, devices; ``.json`` items are reported rows, skipped),
+weight fingerprints for the resume key, and the noise sigma of runs trained for randomized
+smoothing (see ``robustkit.app.benchmark``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robustkit.app._robustbench import is_reported
 from robustkit.errors import InputError
 from robustkit.zoo import RobustModel, load, resolve_model_dir
 
@@ -23,10 +25,13 @@ def display_name(path: Path) -> str:
 
 
 def load_models(models: ModelsArg, device: torch.device | str | None) -> dict[str, tuple[RobustModel, str | None]]:
-    """``{unique name: (model in eval mode, source path or None)}``; names are also file names."""
+    """``{unique name: (model in eval mode, source path or None)}``; names are also file names.
+    ``.json`` items are RobustBench model_info files, not models: skipped here (their reported rows
+    come from ``robustkit.app._robustbench.reported_entries``)."""
     items = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in models]
     if not items:
-        raise InputError("need at least one model")
+        raise InputError("need at least one model (a run or model directory, or a RobustBench model_info .json)")
+    items = [(name, m) for name, m in items if not is_reported(m)]
     out: dict[str, tuple[RobustModel, str | None]] = {}
     for i, (name, m) in enumerate(items):
         if isinstance(m, nn.Module):

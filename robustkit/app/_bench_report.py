@@ -1,5 +1,7 @@
 """The benchmark's records: one RobustBench-style entry per model, the per-point breakdown,
-consistency flags, ``results.json``, ``report.md`` and the plots (see ``robustkit.app.benchmark``)."""
+consistency flags, ``results.json``, ``report.md``, the plots and ``robustbench/<name>.json`` (see
+``robustkit.app.benchmark``). Reported rows (RobustBench ``model_info`` files, ``res["reported"]``,
+``robustkit.app._robustbench``) join only the leaderboard, marked "reported, not evaluated here"."""
 
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkit.app._robustbench import STATUS, THREAT, write_model_infos
 from robustkit.config import BenchmarkConfig
 from robustkit.report import fmt, line_plot, md_table, write_markdown, write_results
-
-THREAT = {"linf": "Linf", "l2": "L2"}
 
 
 def acc(mask: torch.Tensor) -> float:
@@ -83,16 +84,47 @@ def flags(broken: dict[str, torch.Tensor], cert_flags: dict[str, torch.Tensor], 
 
 
 def leaderboard_order(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sorted by AutoAttack accuracy (else worst-case robust accuracy), best first."""
-    return sorted(entries, key=lambda e: (-e.get("autoattack_acc", e["robust_acc"]), -e["robust_acc"], e["name"]))
+    """Sorted by AutoAttack accuracy (else worst-case robust accuracy), best first (reported rows:
+    their AutoAttack accuracy)."""
+    def key(e: dict[str, Any]) -> tuple[float, float, str]:
+        score = e.get("autoattack_acc", e.get("robust_acc", 0.0))
+        return -score, -e.get("robust_acc", score), e["name"]
+
+    return sorted(entries, key=key)
+
+
+def leaderboard(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Evaluated and reported rows in one ranking: ``{rank, name, evaluated, clean_acc, autoattack_acc?,
+    robust_acc?}`` (reported rows: ``status`` "reported, not evaluated here", ``source``)."""
+    rows = []
+    for i, e in enumerate(leaderboard_order([*res["models"], *res.get("reported", [])])):
+        r: dict[str, Any] = {"rank": i + 1, "name": e["name"], "evaluated": e.get("evaluated", True),
+                             "clean_acc": e["clean_acc"]}
+        r.update({k: e[k] for k in ("autoattack_acc", "robust_acc") if k in e})
+        if not r["evaluated"]:
+            r.update(status=e["status"], source=e["source"])
+        rows.append(r)
+    return rows
 
 
 # -- outputs ----------------------------------------------------------------------------------
-def write_all(out: Path, res: dict[str, Any]) -> None:
-    """``results.json``, ``plots/*.png`` and ``report.md`` (each written atomically)."""
+def write_all(out: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``res["leaderboard"]``, then writes ``results.json``, ``robustbench/<name>.json`` (evaluated
+    entries), ``plots/*.png`` and ``report.md`` (each atomically); returns ``res``."""
+    res["leaderboard"] = leaderboard(res)
     write_results(out, res)
+    write_model_infos(out, res["models"], res["settings"])
     plots = write_plots(out, res["models"], res["settings"])
     write_markdown(out, markdown(res, plots))
+    return res
+
+
+def reported_only(out: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """A leaderboard of reported rows only (``res["models"] == []``): nothing was evaluated, no data or
+    model loaded; written by rank 0 alone under torchrun (``write_all``), ``res`` returned on every rank."""
+    from robustkit.app.shard import world
+
+    return write_all(out, res) if world().is_main else res
 
 
 def write_plots(out: Path, entries: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
@@ -129,17 +161,39 @@ def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> 
     return row
 
 
+def _reported_row(rank: int, e: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(columns, "-")
+    row.update({"rank": rank, "model": e["name"], "architecture": e["architecture"] or "-", "clean": e["clean_acc"],
+                "AutoAttack": e["autoattack_acc"], "numbers": STATUS + (" (flagged, see below)" if e["flags"] else "")})
+    return row
+
+
 def markdown(res: dict[str, Any], plots: list[str]) -> str:
-    s, entries = res["settings"], res["models"]
+    s, entries, reported = res["settings"], res["models"], res.get("reported", [])
     # certified accuracy at eps; smoothing only on L2 threat models (else it has no number at eps)
     certs = list(dict.fromkeys(c for e in entries for c, r in e["certified"].items()
                                if c != "smoothing" or s["norm"] == "l2"))
-    rows = [_row(i + 1, e, s["attacks"], certs) for i, e in enumerate(entries)]
-    key = "AutoAttack" if "autoattack" in s["attacks"] else "worst-case robust"
-    parts = [f"# Benchmark: {s['dataset']}, {THREAT[s['norm']]} eps = {s['eps']:g}\n\n",
-             f"First {s['n']} test images; attacks {', '.join(s['attacks'])}, each run independently on every "
+    board = leaderboard_order([*entries, *reported])
+    rows = [_row(i + 1, e, s["attacks"], certs) for i, e in enumerate(board) if e.get("evaluated", True)]
+    columns = list(rows[0]) if rows else ["rank", "model", "architecture", "clean", "AutoAttack"]
+    if reported:
+        if "AutoAttack" not in columns:       # reported rows always carry one
+            columns.insert(columns.index("clean") + 1, "AutoAttack")
+        columns.append("numbers")
+        rows += [_reported_row(i + 1, e, columns) for i, e in enumerate(board) if not e.get("evaluated", True)]
+        for r in rows:
+            r.setdefault("numbers", "evaluated here")
+            r.setdefault("AutoAttack", "-")
+        rows.sort(key=lambda r: r["rank"])
+    key = "AutoAttack" if "autoattack" in s["attacks"] or not entries else "worst-case robust"
+    scope = (f"First {s['n']} test images; attacks {', '.join(s['attacks'])}, each run independently on every "
              f"clean-correct point; **worst case** = a point counts as robust only if every attack failed on it. "
-             f"Sorted by {key} accuracy.\n\n", md_table(rows)]
+             if entries else "No model was evaluated here: every row is a number reported in a RobustBench "
+             "model_info file. ")
+    parts = [f"# Benchmark: {s['dataset']}, {THREAT[s['norm']]} eps = {s['eps']:g}\n\n",
+             f"{scope}Sorted by {key} accuracy.\n\n", md_table(rows, columns)]
+    if reported:
+        parts.append(_reported_section(reported))
     if "smoothing" in s["certify"]:
         parts.append("\nRandomized smoothing certifies the *smoothed* classifier (L2, with probability >= "
                      "1 - alpha), not the base model the attacks ran on, so it is not compared against them.\n")
@@ -147,6 +201,21 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
     for e in entries:
         parts.append(_model_section(e))
     return "".join(parts)
+
+
+def _reported_section(reported: list[dict[str, Any]]) -> str:
+    text = ["\n**Reported, not evaluated here:** the rows marked so are numbers taken as written in RobustBench "
+            "model_info files (RobustBench: standard AutoAttack on its own test set, e.g. all 10,000 CIFAR-10 "
+            "test images), not re-run by robustkit; they take no part in the soundness checks or the per-point "
+            "tables. The evaluated rows' AutoAttack is what ran here (each model's section says which).\n\n"]
+    for e in reported:
+        title = f"[{e['title']}]({e['link']})" if e["link"] else e["title"]
+        best = f", best known {fmt(e['best_known_acc'])}" if "best_known_acc" in e else ""
+        text.append(f"- {e['name']}: {title}, from `{e['source']}`: clean {fmt(e['clean_acc'])}, AutoAttack "
+                    f"{fmt(e['autoattack_acc'])}{best}"
+                    + (f"; footnote: {e['footnote']}" if e.get("footnote") else "")
+                    + "".join(f"; **Flag:** {v}" for v in e["flags"].values()) + "\n")
+    return "".join(text)
 
 
 def _curve_text(r: dict[str, Any]) -> str:

@@ -4,12 +4,19 @@
     robustkit benchmark --models runs/noise --norm l2 --eps 0.5 --attacks fast,pgd --certify smoothing --out DIR
     robustkit benchmark --models DIR --config configs/benchmark_cifar10_autoattack_linf.yaml --set n=500
     robustkit benchmark ... --param pgd.steps=20 --param autoattack.attacks=[apgd-ce,apgd-t]
+    robustkit benchmark --models runs/trades model_info/cifar10/Linf/Carmon2019Unlabeled.json --dataset cifar10 ...
 
 Per model: clean accuracy, each attack's robust accuracy (each attack on every clean-correct
 point, every claimed success verified), the worst case per point, AutoAttack's per-point
 breakdown, certified accuracy and the seconds for each (see ``robustkit.app.benchmark``). A rerun
 reuses every ``models/<name>.json`` made with the same settings and weights. Exit status 3 (after
 writing everything) if an attack broke a point that a deterministic certifier certified at eps.
+
+Every evaluated model is also written as a RobustBench model_info file, robustbench/<name>.json
+(autoattack_acc only for standard AutoAttack on the whole test set; otherwise a footnote says what
+ran). A .json item of --models is such a file (ours or RobustBench's): its numbers join the
+leaderboard as "reported, not evaluated here"; another dataset or threat model is an error, another
+eps a flagged row. With only .json items nothing is evaluated and no data or model is loaded.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ FLAGS = {"models": "models", "dataset": "dataset", "data_root": "data_root", "do
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="leaderboard: clean / AutoAttack / our attacks / certified accuracy",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", metavar="RUN", help="run or model directories")
+    p.add_argument("--models", nargs="+", metavar="RUN", help="run or model directories, and RobustBench model_info "
+                                                             ".json files (reported numbers, not evaluated)")
     add_data(p)
     p.add_argument("--norm", help="linf | l2 (default linf)")
     p.add_argument("--eps", help="threat-model radius, e.g. 0.3 or 8/255 (default 0.3)")
@@ -68,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         aa = f"  AutoAttack {e['autoattack_acc']:.4f}" if "autoattack_acc" in e else ""
         print(f"{e['name']}: clean {e['clean_acc']:.4f}{aa}  worst case {e['robust_acc']:.4f}  "
               + "  ".join(f"{a} {v:.4f}" for a, v in e["attacks"].items() if a != "autoattack"))
+    for e in res.get("reported", []):
+        flags = "".join(f"  [{k}]" for k in e["flags"])
+        print(f"{e['name']}: {e['status']}: clean {e['clean_acc']:.4f}  AutoAttack {e['autoattack_acc']:.4f}{flags}")
     for name, f in res["flags"].items():
         if f.get("weaker_autoattack"):
             print(f"robustkit: warning: {name}: our attacks broke points AutoAttack did not: "
