@@ -178,3 +178,52 @@ def test_attack_bad_input_under_torchrun(model_dir: str, tmp_path: Path, capsys)
     assert main(["attack", "--model", model_dir, "--device", "cpu", "--eps", "0.1", "--n", "4",
                  "--out", str(tmp_path / "file" / "sub")]) == 2
     assert "cannot be created" in capsys.readouterr().err
+
+
+def _no_timing(obj: Any) -> Any:
+    """``obj`` without timings (keys ``seconds`` / ``*_seconds`` / ``*per_second*``) and paths."""
+    if isinstance(obj, dict):
+        return {k: _no_timing(v) for k, v in obj.items()
+                if not (k == "seconds" or k.endswith("_seconds") or "per_second" in k or k in ("out", "processes"))}
+    if isinstance(obj, list):
+        return [_no_timing(v) for v in obj]
+    return obj
+
+
+def test_benchmark_two_processes_equal_one(model_dir: str, tmp_path: Path) -> None:
+    """The benchmark's attacks, eps curve and IBP certificates: the same entries with 1 and 2
+    processes; rank 0 alone writes results.json and models/<name>.json."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("benchmark", "--device", "cpu", "--models", model_dir, "--n", "48", "--eps", "0.1",
+            "--attacks", "pgd,deepfool", "--param", "pgd.steps=5", "--param", "pgd.restarts=1", "--certify", "ibp",
+            "--eps-grid", "0,0.05,0.1", "--batch-size", "16")
+    assert main([*args, "--out", str(one)]) == 0
+    r = robustkit([*args, "--out", str(two)], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert _no_timing(a) == _no_timing(b)
+    units = sorted((two / "parts" / "m" / "attacks").glob("unit-*.safetensors"))
+    assert len(units) == 3
+    for f in units:                                                     # per image: every batch's tensors
+        t1, t2 = load_file(str(one / "parts" / "m" / "attacks" / f.name)), load_file(str(f))
+        assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert [p.name for p in (two / "models").iterdir()] == ["m.json"]
+
+
+def test_benchmark_resumes_matching_batches_only(tiny_mnist_model, tmp_path: Path, monkeypatch) -> None:
+    """A benchmark that died keeps its saved batches (same settings and weights); batches made with
+    other settings are not an error there: they are recomputed."""
+    import robustkit.app.sharded_eval as se
+    from robustkit.app import benchmark as bm
+
+    kw = {"n": 40, "eps": 0.1, "attacks": ["pgd"], "eps_grid": [], "batch_size": 16, "progress": False}
+    first = bm.run_benchmark({"m": tiny_mnist_model}, tmp_path, attack_params={"pgd": {"steps": 3}}, **kw)
+    (tmp_path / "models" / "m.json").unlink()                          # as if it died before the end
+    (tmp_path / "parts" / "m" / "attacks" / "unit-00000001.json").unlink()
+    starts: list[int] = []
+    real = se.evaluate_attacks
+    monkeypatch.setattr(se, "evaluate_attacks", lambda *a, **k: starts.append(k["start"]) or real(*a, **k))
+    again = bm.run_benchmark({"m": tiny_mnist_model}, tmp_path, attack_params={"pgd": {"steps": 3}}, **kw)
+    assert starts == [16] and _no_timing(again["models"]) == _no_timing(first["models"])
+    bm.run_benchmark({"m": tiny_mnist_model}, tmp_path, attack_params={"pgd": {"steps": 4}}, **kw)
+    assert starts[1:] == [0, 16, 32]

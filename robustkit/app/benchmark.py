@@ -15,6 +15,9 @@ deterministic certifier certified them at ``eps``.
 
 Output (``cfg.out``): ``results.json``, ``report.md``, ``plots/*.png`` and ``models/<name>.json``
 (one per model; reused on a rerun with the same settings and weights, so runs are resumable).
+Under ``torchrun`` the attacks and the eps curve run in fixed batches shared out over the
+processes (same per-image results as one process), each batch saved under ``parts/<model>/``
+when done and reused by a rerun; rank 0 alone writes the files above.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from robustkit.app import _bench_report as rep
 from robustkit.app._bench_attacks import bench_attack, eps_curve, run_attacks
 from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
 from robustkit.app._bench_models import ModelsArg, load_models, run_sigma
+from robustkit.app.shard import broadcast, check_enough, setup, world
+from robustkit.app.sharded_eval import check_output_dir
 from robustkit.config import BenchmarkConfig, from_dict
 from robustkit.data import load_data
 from robustkit.errors import ConfigError, InputError
@@ -39,6 +44,7 @@ from robustkit.io import atomic_write_json
 from robustkit.zoo import check_compatible, fingerprint
 
 FORMAT = "robustkit-benchmark/1"
+PARTS = "parts"               # per-batch progress files of the attacks: parts/<model>/attacks, pgd-eps-<i>
 
 
 class SoundnessError(RuntimeError):
@@ -93,21 +99,26 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
     """
     certifiers = dict(certifiers or {})
     s = settings(cfg, certifiers)
+    out = Path(cfg.out)
+    check_output_dir(out)
     data = load_data(cfg.dataset, "test", cfg.data_root, cfg.download)
     if cfg.n > len(data):
         raise InputError(f"n={cfg.n} is larger than the {len(data)} test images of dataset {cfg.dataset!r}")
-    named = load_models(cfg.models if models is None else models, device)
+    check_enough(cfg.n, "images")
+    w, rank_device = setup("cpu" if device is None else device)     # under torchrun: the process group
+    named = load_models(cfg.models if models is None else models, None if device is None else rank_device)
     for name, (model, _) in named.items():
         check_compatible(model, data.info, name=f"model {name!r}")
     for a in cfg.attacks:      # build once up front so bad attack parameters fail before any work
         bench_attack(a, cfg, cfg.eps_value, None)
     x, y = data.tensors(cfg.n)                                                 # (N, C, H, W), (N,)
-    out = Path(cfg.out)
     entries = [_model_entry(name, model, source, x, y, cfg, s, certifiers, out, progress)
-               for name, (model, source) in tqdm(named.items(), desc="benchmark", disable=not progress, unit="model")]
+               for name, (model, source) in tqdm(named.items(), desc="benchmark", unit="model",
+                                                 disable=not (progress and w.is_main))]
     res = {"format": FORMAT, "settings": s, "models": rep.leaderboard_order(entries),
            "flags": {e["name"]: e["flags"] for e in entries if any(e["flags"].values())}}
-    rep.write_all(out, res)
+    if w.is_main:
+        rep.write_all(out, res)
     bad = [(e["name"], v) for e in entries for v in e["flags"].get("soundness_violations", [])]
     if bad:
         raise SoundnessError(f"{len(bad)} point(s) broken by an attack although certified at eps={cfg.eps_value}: "
@@ -142,17 +153,16 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     key = {**s, "model": name, "source": source and str(Path(source).resolve()), "weights": fingerprint(model),
            "injected": sorted(certifiers)}
     cache = out / "models" / f"{name}.json"
-    if cache.is_file():
-        try:
-            old = json.loads(cache.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("key") == json.loads(json.dumps(key)):
-            if progress:
-                tqdm.write(f"benchmark: {name}: reusing {cache} (same settings and weights)")
-            return old["entry"]
+    main = world().is_main
+    reused = broadcast(_cached(cache, key) if main else None)      # rank 0 decides, so every rank agrees
+    if reused is not None:
+        if progress and main:
+            tqdm.write(f"benchmark: {name}: reusing {cache} (same settings and weights)")
+        return reused
     torch.manual_seed(cfg.seed)
-    ev, meta = run_attacks(model, x, y, cfg, list(cfg.attacks), cfg.eps_value, out / "logs" / name, progress, name)
+    parts = out / PARTS / name
+    ev, meta = run_attacks(model, x, y, cfg, list(cfg.attacks), cfg.eps_value, out / "logs" / name, progress, name,
+                           parts / "attacks")
     correct = ev.clean_correct                                                 # (N,)
     seconds: dict[str, float] = {"clean": ev.clean_seconds}
     certified, cert_flags = certify_deterministic(model, x, y, correct, s, certifiers, seconds)
@@ -162,8 +172,20 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     broken = {a: ev.broken[i] for i, a in enumerate(cfg.attacks)}           # attack -> (N,) bool, verified
     subs = {a: ev.sub_attacks[i] for i, a in enumerate(cfg.attacks)}
     seconds.update({a: st.seconds for a, st in zip(cfg.attacks, ev.stats)})
-    curve = eps_curve(model, x, y, correct, cfg, broken.get("pgd"), progress, name, seconds)
+    curve = eps_curve(model, x, y, correct, cfg, broken.get("pgd"), progress, name, seconds, parts)
     entry = rep.make_entry(name, model, source, cfg, correct, broken, subs, meta, certified, cert_flags, curve,
                            seconds)
-    atomic_write_json(cache, {"key": key, "entry": entry})
+    if main:
+        atomic_write_json(cache, {"key": key, "entry": entry})
     return entry
+
+
+def _cached(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry of ``cache`` if it was written with ``key``, else ``None``."""
+    if not cache.is_file():
+        return None
+    try:
+        old = json.loads(cache.read_text())
+    except json.JSONDecodeError:
+        return None
+    return old["entry"] if isinstance(old, dict) and old.get("key") == json.loads(json.dumps(key)) else None

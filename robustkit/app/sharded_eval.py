@@ -81,7 +81,7 @@ def store_matches(store: UnitStore) -> bool:
 
 def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any, *, batch_size: int,
                      mode: str = "chained", threat: ThreatModel | None = None, store_dir: str | Path | None = None,
-                     resume: bool = False, key: dict[str, Any] | None = None, seed: int = 0, amp: bool = False,
+                     resume: bool | str = False, key: dict[str, Any] | None = None, seed: int = 0, amp: bool = False,
                      keep_adversarials: bool = False, progress: bool = False, desc: str = "attack") -> Evaluation:
     """``evaluate_attacks`` over ``x (N, C, H, W)``, ``y (N,)`` in fixed batches of ``batch_size``
     points, shared out over the torchrun ranks; every rank returns the whole ``Evaluation``.
@@ -90,7 +90,8 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
     batch; attacks that batch themselves get the batch's active points). ``store_dir``: each
     batch's record is saved there (``unit-<k>.json`` / ``.safetensors``) when done; ``resume``:
     keep the batches already there (``InputError`` if they were made with other settings,
-    ``key`` adds the caller's); without it rank 0 clears the store first. ``seconds`` of the
+    ``key`` adds the caller's); ``"auto"``: keep them when every rank's files match the settings,
+    else start afresh; ``False``: rank 0 clears the store first. ``seconds`` of the
     result: the wall-clock of this call (restored batches cost none); the per-attack ``seconds``
     are compute time summed over the batches, whichever rank ran them.
     """
@@ -107,6 +108,8 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
         full = {**resume_key(model, x, y, atks, batch_size=batch_size, mode=mode, threat=threat, seed=seed, amp=amp,
                              keep_adversarials=keep_adversarials), **(key or {})}
         store = UnitStore(Path(store_dir), full)
+        if resume == "auto":
+            resume = store_matches(store)
     units = math.ceil(n / batch_size)
 
     def compute(k: int) -> dict[str, Any]:
