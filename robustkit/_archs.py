@@ -1,28 +1,47 @@
 """Architecture names -> plain classifier nets, for ``robustkit.zoo.create``: the built-in nets
-of ``MODELS`` (``robustkit.nets``), ``tv:NAME`` torchvision models and timm model names. Each
-comes with its default normalization (identity for built-ins, the pretrained config for timm,
-ImageNet statistics for torchvision). Bad names and bad ``arch_kwargs`` are ``InputError``s."""
+of ``MODELS`` (``robustkit.nets``), ``tv:NAME`` torchvision models, timm model names and the
+user's own classes as ``package.module:ClassName``. Each comes with its default normalization
+(identity for built-ins and user classes, the pretrained config for timm, ImageNet statistics
+for torchvision). Bad names and bad ``arch_kwargs`` are ``InputError``s.
+
+A user class is imported (its module's top-level code runs, as for any ``import``) and called
+as ``ClassName(**arch_kwargs)``, plus ``num_classes=K`` when its ``__init__`` takes
+``num_classes`` and the kwargs do not set it. Only ``nn.Module`` subclasses are ever called: a
+``model.json`` naming ``os:system`` or a factory function is refused before anything runs but
+the import. Nothing is unpickled.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 import robustkit.nets  # noqa: F401  (registers the built-in nets)
-from robustkit.errors import InputError
+from robustkit.errors import IncompatibleError, InputError
+from robustkit.modes import device_of
 from robustkit.registry import MODELS, RegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+IMPORT_PATH = re.compile(rf"({_DOTTED}):({_DOTTED})")  # package.module:ClassName (or :Outer.Inner)
 
 
 def build_net(arch: str, num_classes: int, input_shape: tuple[int, int, int], pretrained: bool,
               kw: dict[str, Any]) -> tuple[nn.Module, Sequence[float], Sequence[float]]:
     """``(net, default mean, default std)`` of ``arch`` for inputs ``(C, H, W)`` and ``num_classes`` logits."""
     c = input_shape[0]
+    if is_import_path(arch):
+        if pretrained:
+            raise InputError(f"{arch!r} is your own class: it has no library weights; pass --weights FILE "
+                             "(a plain state dict) instead of pretrained")
+        return _user(arch, num_classes, kw), (0.0,) * c, (1.0,) * c
     if arch in MODELS:
         if pretrained:
             raise InputError(f"built-in model {arch!r} has no pretrained weights; train it or pass a checkpoint")
@@ -35,8 +54,15 @@ def build_net(arch: str, num_classes: int, input_shape: tuple[int, int, int], pr
 
 
 def is_arch(name: str) -> bool:
-    """Whether ``create`` can build ``name``: a built-in net, ``tv:NAME`` or a timm model name."""
+    """Whether ``create`` can build ``name``: a built-in net, ``tv:NAME``, a timm model name or an
+    importable ``module:Class`` naming an ``nn.Module`` subclass."""
     if name in MODELS:
+        return True
+    if is_import_path(name):
+        try:
+            import_class(name)
+        except InputError:
+            return False
         return True
     if name.startswith("tv:"):
         import torchvision
@@ -45,6 +71,60 @@ def is_arch(name: str) -> bool:
     import timm
 
     return bool(timm.is_model(name))
+
+
+def is_import_path(arch: str) -> bool:
+    """``package.module:ClassName`` syntax (``tv:`` is torchvision's prefix, not a module)."""
+    return not arch.startswith("tv:") and IMPORT_PATH.fullmatch(arch) is not None
+
+
+def import_class(arch: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass named by ``package.module:ClassName``; ``InputError`` when the module
+    cannot be imported, has no such attribute, or it is not an ``nn.Module`` subclass."""
+    match = IMPORT_PATH.fullmatch(arch)
+    if match is None or arch.startswith("tv:"):
+        raise InputError(f"arch {arch!r}: expected package.module:ClassName (e.g. mynets.resnet:ResNet18)")
+    mod_name, qual = match.groups()
+    if mod_name == "__main__":
+        raise InputError(f"arch {arch!r}: classes defined in __main__ cannot be rebuilt elsewhere; move the class "
+                         "into an importable module")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"arch {arch!r}: cannot import module {mod_name!r} ({e}); is its directory on "
+                         "PYTHONPATH (or installed)?") from None
+    for part in qual.split("."):
+        if not hasattr(obj, part):
+            found = sorted(n for n, v in vars(obj).items() if isinstance(v, type) and issubclass(v, nn.Module)
+                           and not n.startswith("_"))[:10]
+            raise InputError(f"arch {arch!r}: {mod_name!r} has no attribute {qual!r}; nn.Module classes there: "
+                             f"{', '.join(found) or 'none'}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise InputError(f"arch {arch!r} is a {type(obj).__name__}, not an nn.Module subclass: only model classes "
+                         "are called (write a small nn.Module subclass around a factory function)")
+    return obj
+
+
+def _user(arch: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    cls, kw = user_call(arch, num_classes, kw)
+    return cls(**kw)
+
+
+def user_call(arch: str, num_classes: int, kw: dict[str, Any]) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and keyword arguments ``create`` calls for ``arch``: ``kw`` plus ``num_classes`` when the
+    class takes it and ``kw`` does not set it; ``InputError`` unless they fit its signature."""
+    cls = import_class(arch)
+    sig = inspect.signature(cls)
+    if "num_classes" in sig.parameters and "num_classes" not in kw:
+        kw = {**kw, "num_classes": num_classes}
+    try:
+        sig.bind(**kw)
+    except TypeError as e:
+        valid = [n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise InputError(f"arch kwargs (--arch-kwargs) for {arch!r}: {e}; accepted: "
+                         f"{', '.join(valid) or 'none'}") from None
+    return cls, kw
 
 
 def _check_kwargs(builder: Callable[..., Any], arch: str, kw: dict[str, Any]) -> None:
@@ -117,3 +197,35 @@ def _reset_head(net: nn.Module, num_classes: int) -> None:
             return
     raise InputError(f"cannot find the classification head of {type(net).__name__} to resize it to "
                      f"{num_classes} classes; use its own class count (num_classes={_out_features(net)})")
+
+
+def dry_run(model: Any, expect: int | None = -1) -> int:  # model: a RobustModel
+    """One eval-mode forward of a ``(2, C, H, W)`` zero batch: ``IncompatibleError`` unless the network
+    takes the input size and returns ``(2, K)`` logits with ``K`` = ``expect`` (default
+    ``model.num_classes``; None: any ``K >= 2``). Returns ``K``."""
+    expect = model.num_classes if expect == -1 else expect
+    x = torch.zeros(2, *model.input_shape, device=device_of(model))
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:  # noqa: BLE001 - the network's own code: any failure means it rejects this input
+        at = f"resized to {model.resize.size}" if model.resize else "at the data's size"
+        hint = "" if model.resize else ("; if the network needs another input size, pass --resize H[xW] (resize= "
+                                        "in create/wrap; 224 for most ImageNet timm / tv: nets): it resizes inside "
+                                        "the model, so attacks still see the data's pixels")
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        raise IncompatibleError(f"model {model.arch!r} does not accept inputs {model.input_shape} {at}: "
+                                f"{type(e).__name__}: {msg}{hint}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise IncompatibleError(f"model {model.arch!r} must return (B, K) logits (K >= 2) for inputs "
+                                f"(B, {', '.join(map(str, model.input_shape))}); for B=2 it returned {got}")
+    k = int(out.shape[1])
+    if expect is not None and k != expect:
+        raise IncompatibleError(f"model {model.arch!r} returns {k} logits but num_classes is {expect}; give the "
+                                f"class its head size (e.g. --arch-kwargs '{{\"num_classes\": {expect}}}') or use a "
+                                f"{k}-class dataset")
+    return k

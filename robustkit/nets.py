@@ -16,6 +16,8 @@ and returns a plain classifier (no normalization: ``RobustModel`` adds that).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,3 +166,52 @@ def wrn_28_10(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> nn.Mod
 @MODELS.register("wrn-34-10", help="WideResNet-34-10 (TRADES / AWP CIFAR-10 model)")
 def wrn_34_10(num_classes: int = 10, input_shape: Shape = (3, 32, 32)) -> nn.Module:
     return WideResNet(34, 10, num_classes, input_shape[0])
+
+
+# -- resizing inside the model (``create(..., resize=)``, ``--resize``) ----------------------
+class Resize(nn.Module):
+    """Bilinear resize of ``(B, C, H, W)`` to ``(B, C, *size)``, the first step of the network.
+
+    It lives inside the model, so attacks and certificates see (and bound) the data's own
+    pixels while the network sees its native resolution (e.g. 224x224 for ImageNet nets on
+    32x32 CIFAR). Downsampling is antialiased (computed in float32: CPU has no bf16 kernel for
+    it); upsampling is plain bilinear (antialiasing would not change it). Both are linear maps
+    with non-negative weights summing to one, so they commute with the per-channel ``Normalize``.
+    No parameters or buffers: a model's state-dict layout does not change with ``resize``.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = parse_resize(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, *size)
+        h, w = x.shape[-2:]
+        if (h, w) == self.size:
+            return x
+        if h > self.size[0] or w > self.size[1]:  # (partly) downsampling: antialias
+            out = F.interpolate(x.float(), size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            return out.to(x.dtype)
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+def parse_resize(value: object) -> tuple[int, int]:
+    """``224`` / ``"224"`` -> ``(224, 224)``; ``"224x192"`` / ``[224, 192]`` -> ``(224, 192)``.
+    Anything else (0, negative, non-integer, three numbers) is an ``InputError``."""
+    bad = InputError(f"resize must be H or HxW with positive integers (e.g. 224 or 224x192), got {value!r}")
+    if isinstance(value, str):
+        parts: list[object] = [p.strip() for p in value.lower().split("x")]
+        if not all(isinstance(p, str) and p.isdigit() for p in parts):
+            raise bad
+        parts = [int(p) for p in parts]  # type: ignore[arg-type]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    if len(parts) not in (1, 2) or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1
+                                       for p in parts):
+        raise bad
+    h, w = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return int(h), int(w)  # type: ignore[call-overload]

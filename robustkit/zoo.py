@@ -9,7 +9,15 @@ Normalization lives here and nowhere else (not in transforms, not in attacks).
 - built-in nets registered in ``MODELS`` (``robustkit models`` lists them);
 - ``tv:NAME`` -- any torchvision classification model (``tv:resnet18``);
 - any timm model name (``resnet18``, ``vit_tiny_patch16_224``); mean/std come from
-  the model's pretrained config unless given.
+  the model's pretrained config unless given;
+- ``package.module:ClassName`` -- the user's own ``nn.Module`` subclass, imported and called
+  with ``arch_kwargs`` (see ``robustkit._archs``); ``wrap(module, ...)`` adopts a live one.
+
+``resize=H`` / ``(H, W)`` puts a bilinear ``Resize`` inside the model, after ``Normalize``
+(the two commute, and the normalization stays the model's first layer): the model's
+``input_shape`` is the data's, the network runs at ``(C, H, W)``. Every external network
+(timm, tv:, user classes, wrapped modules) gets one dry forward pass at build time, so a
+network that does not take the data's size fails here with one ``IncompatibleError``.
 
 ``save(model, dir)`` writes ``dir/model.safetensors`` + ``dir/model.json``; ``load``
 rebuilds the model from them without unpickling anything. Plain ``.pt`` state
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,14 +36,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, is_arch
+from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, dry_run, is_arch, is_import_path, user_call
+from robustkit._weights import CheckpointWarning, load_state_dict_file, load_weights
 from robustkit.errors import CheckpointError, IncompatibleError, InputError
 from robustkit.io import atomic_write, atomic_write_json
+from robustkit.modes import device_of
+from robustkit.nets import Resize, parse_resize
+from robustkit.registry import MODELS
 from robustkit.validate import integer
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "RobustModel", "check_compatible", "create",
-           "from_pretrained_file", "is_arch", "load", "load_state_dict_file", "load_weights", "resolve_model_dir",
-           "save", "unwrap"]
+__all__ = ["CheckpointWarning", "IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "RobustModel", "check_compatible",
+           "create", "from_pretrained_file", "is_arch", "load", "load_state_dict_file", "load_weights",
+           "resolve_model_dir", "save", "unwrap", "wrap"]
 
 FORMAT = "robustkit-model/1"
 
@@ -60,12 +73,13 @@ class RobustModel(nn.Module):
     """``Normalize(mean, std)`` + classifier; pixel-space input, logits out."""
 
     def __init__(self, net: nn.Module, arch: str, num_classes: int, input_shape: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], arch_kwargs: dict[str, Any] | None = None
-                 ) -> None:
+                 mean: Sequence[float], std: Sequence[float], arch_kwargs: dict[str, Any] | None = None,
+                 resize: int | str | Sequence[int] | None = None) -> None:
         super().__init__()
         if len(mean) != input_shape[0]:
             raise InputError(f"mean has {len(mean)} entries but the input has {input_shape[0]} channels")
         self.normalize = Normalize(mean, std)
+        self.resize = None if resize is None else Resize(parse_resize(resize))  # no state: same keys
         self.net = net
         self.arch = arch
         self.num_classes = int(num_classes)
@@ -75,13 +89,16 @@ class RobustModel(nn.Module):
         self.arch_kwargs = dict(arch_kwargs or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0,1] -> (B, K)
-        return self.net(self.normalize(x))
+        z = self.normalize(x)
+        if self.resize is not None:  # (B, C, H, W) -> (B, C, *resize)
+            z = self.resize(z)
+        return self.net(z)
 
     def spec(self) -> dict[str, Any]:
         """Everything ``create`` needs to rebuild this model (the JSON sidecar)."""
         return {"format": FORMAT, "arch": self.arch, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std),
-                "arch_kwargs": self.arch_kwargs}
+                "arch_kwargs": self.arch_kwargs, "resize": list(self.resize.size) if self.resize else None}
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_classes={self.num_classes}, input_shape={self.input_shape}"
@@ -89,11 +106,14 @@ class RobustModel(nn.Module):
 
 def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32),
            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-           pretrained: bool = False, **arch_kwargs: Any) -> RobustModel:
+           pretrained: bool = False, resize: int | str | Sequence[int] | None = None,
+           **arch_kwargs: Any) -> RobustModel:
     """Build a ``RobustModel``.
 
     Args:
-        arch: built-in name (see ``MODELS.names()``), ``tv:NAME`` or a timm name.
+        arch: built-in name (see ``MODELS.names()``), ``tv:NAME``, a timm name, or
+            ``package.module:ClassName`` (your ``nn.Module`` subclass, called with ``arch_kwargs``
+            and, when it takes one, ``num_classes``).
         num_classes: K, the number of logits.
         input_shape: ``(C, H, W)`` of the pixel-space input.
         mean, std: per-channel normalization; defaults: identity for built-ins,
@@ -101,18 +121,69 @@ def create(arch: str, num_classes: int = 10, input_shape: Sequence[int] = (3, 32
         pretrained: load the library's pretrained weights (timm/torchvision; they must
             already be in the local cache -- nothing is downloaded on machines without
             internet).
+        resize: ``H``, ``"HxW"`` or ``(H, W)``: the network runs at that size (see the module docstring).
+        arch_kwargs: keyword arguments of the architecture (recorded in ``model.json``).
     """
     integer("num_classes", num_classes, minimum=2)
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise InputError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+    input_shape = _shape(input_shape)
     c = input_shape[0]
-    net, dmean, dstd = build_net(arch, num_classes, input_shape, pretrained, arch_kwargs)
+    size = None if resize is None else parse_resize(resize)
+    net, dmean, dstd = build_net(arch, num_classes, (c, *size) if size else input_shape, pretrained, arch_kwargs)
     if mean is None:  # a 3-channel default on a 1-channel input: average it
         mean = tuple(dmean) if len(dmean) == c else (sum(dmean) / len(dmean),) * c
     if std is None:
         std = tuple(dstd) if len(dstd) == c else (sum(dstd) / len(dstd),) * c
-    return RobustModel(net, arch, num_classes, input_shape, mean, std, arch_kwargs)
+    model = RobustModel(net, arch, num_classes, input_shape, mean, std, arch_kwargs, size)
+    if arch not in MODELS:  # built-ins are built for the shape; external nets are probed
+        dry_run(model)
+    return model
+
+
+def wrap(module: nn.Module, *, mean: Sequence[float], std: Sequence[float], input_shape: Sequence[int],
+         num_classes: int | None = None, resize: int | str | Sequence[int] | None = None,
+         arch_kwargs: dict[str, Any] | None = None) -> RobustModel:
+    """Adopt any ``nn.Module`` returning logits as a ``RobustModel`` (bring your own model).
+
+    ``module`` takes *normalized* ``(B, C, H', W')`` inputs (``H', W'`` = ``resize`` or the data's
+    size) and returns ``(B, K)`` logits; the returned model takes pixel images ``(B, *input_shape)``
+    in ``[0, 1]``. ``num_classes`` is checked against a dry forward pass (and read from it when
+    not given). ``save`` records ``module``'s class as ``package.module:ClassName`` plus
+    ``arch_kwargs`` (its constructor's keyword arguments), so ``load`` can rebuild it; classes
+    from ``__main__`` or a function body cannot be saved that way.
+    """
+    if not isinstance(module, nn.Module):
+        raise InputError(f"wrap() takes an nn.Module, got {type(module).__name__}")
+    if isinstance(unwrap(module), RobustModel):
+        raise InputError("wrap() got a RobustModel already; use it as it is")
+    input_shape = _shape(input_shape)
+    if num_classes is not None:
+        integer("num_classes", num_classes, minimum=2)
+    mean, std = _per_channel("mean", mean, input_shape[0]), _per_channel("std", std, input_shape[0])
+    if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
+        raise InputError(f"arch_kwargs must be a dict of the class's keyword arguments, got {arch_kwargs!r}")
+    mode, cls = module.training, type(module)
+    arch = f"{cls.__module__}:{cls.__qualname__}"
+    model = RobustModel(module, arch, num_classes or 2, input_shape, mean, std, arch_kwargs, resize)
+    model.to(device_of(module))  # Normalize's buffers where the module lives
+    model.num_classes = dry_run(model, expect=num_classes)
+    return model.train(mode)
+
+
+def _per_channel(name: str, v: Any, c: int) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        out = ()
+    if isinstance(v, (str, bytes)) or len(out) != c:
+        raise InputError(f"{name} needs one number per input channel ({c}), got {v!r}")
+    return out
+
+
+def _shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+        raise InputError(f"input_shape must be (C, H, W) with positive integer sizes, got {input_shape!r}")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
 # -- save / load ----------------------------------------------------------------------
@@ -122,12 +193,29 @@ def save(model: RobustModel, path: str | Path) -> Path:
 
     if not isinstance(model, RobustModel):
         raise TypeError(f"save() takes a RobustModel, got {type(model).__name__}")
+    _check_rebuildable(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = _plain_state(model)
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write_json(path / "model.json", model.spec())
     return path
+
+
+def _check_rebuildable(model: RobustModel) -> None:
+    """``InputError`` before anything is written when ``load`` could not rebuild ``model.arch``
+    (a wrapped class from ``__main__`` / a function body, or kwargs its constructor rejects)."""
+    arch = model.arch
+    if arch in MODELS or arch.startswith("tv:") or ":" not in arch:
+        return
+    if not is_import_path(arch) or arch.startswith("__main__:"):
+        raise InputError(f"cannot save a model of class {arch!r}: load() rebuilds it by importing "
+                         "package.module:ClassName, so define the class in an importable module")
+    try:
+        user_call(arch, model.num_classes, model.arch_kwargs)
+    except InputError as e:
+        raise InputError(f"cannot save {arch!r} so that load() rebuilds it ({e}); pass its constructor's keyword "
+                         "arguments as wrap(..., arch_kwargs={...})") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -205,80 +293,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> RobustMo
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
-    model = create(spec["arch"], int(spec["num_classes"]), tuple(spec["input_shape"]), spec["mean"], spec["std"],
-                   **spec.get("arch_kwargs", {}))
+    kwargs = spec.get("arch_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{spec_file}: arch_kwargs must be a JSON object, got {type(kwargs).__name__}")
+    try:
+        model = create(spec["arch"], int(spec["num_classes"]), tuple(spec["input_shape"]), spec["mean"], spec["std"],
+                       resize=spec.get("resize"), **kwargs)
+    except InputError as e:  # e.g. a module that is not importable here, or a non-Module class name
+        raise CheckpointError(f"{spec_file}: cannot rebuild the model: {e}") from None
     load_weights(model, state, source=str(weights))
     return model.to(map_location).eval()
 
 
-def load_weights(model: RobustModel, state: dict[str, torch.Tensor], source: str = "state dict") -> RobustModel:
-    """Load ``state`` into ``model`` strictly, with a message naming ``source`` and the mismatch.
-
-    Accepts full ``RobustModel`` state dicts (``normalize.*``, ``net.*``) or bare
-    classifier state dicts (as released by papers); strips ``module.`` (DDP) prefixes.
-    """
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if not any(k.startswith("net.") for k in state):
-        target: nn.Module = model.net
-    else:
-        target = model
-        own_norm = {k: v for k, v in model.state_dict().items() if k.startswith("normalize.")}
-        state = {**own_norm, **state}
-    own = target.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {_few(shapes)}")
-        raise CheckpointError(f"{source} does not match model {model.arch!r}: " + "; ".join(parts))
-    target.load_state_dict(state, strict=True)
-    return model
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return "[" + ", ".join(items[:n]) + "]" + more
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pt``/``.pth``/``.safetensors`` state dict; ``torch.load(weights_only=True)`` only.
-
-    Unwraps the common ``{"state_dict": ...}`` / ``{"model": ...}`` containers.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"state dict not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
-            raise CheckpointError(f"{p}: corrupt safetensors file ({e})") from None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors have many types
-        raise CheckpointError(f"{p}: cannot read as a weights-only state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
-    for key in ("state_dict", "model_state_dict", "model", "net"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{p}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
-    return obj
-
-
 def from_pretrained_file(path: str | Path, arch: str, num_classes: int = 10,
                          input_shape: Sequence[int] = (3, 32, 32), mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, **arch_kwargs: Any) -> RobustModel:
-    """Build ``arch`` and fill it from a plain state-dict file (weights-only load)."""
-    model = create(arch, num_classes, input_shape, mean, std, **arch_kwargs)
-    return load_weights(model, load_state_dict_file(path), source=str(path))
+                         std: Sequence[float] | None = None, strict: bool = True,
+                         resize: int | str | Sequence[int] | None = None, **arch_kwargs: Any) -> RobustModel:
+    """Build ``arch`` (``create``) and fill it from a plain state-dict file (weights-only load;
+    ``strict`` as in ``load_weights``)."""
+    state = load_state_dict_file(path)  # read first: a bad file fails before the network is built
+    model = create(arch, num_classes, input_shape, mean, std, resize=resize, **arch_kwargs)
+    return load_weights(model, state, source=str(path), strict=strict)
