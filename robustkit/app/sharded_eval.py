@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -81,8 +81,9 @@ def store_matches(store: UnitStore) -> bool:
 
 def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any, *, batch_size: int,
                      mode: str = "chained", threat: ThreatModel | None = None, store_dir: str | Path | None = None,
-                     resume: bool | str = False, key: dict[str, Any] | None = None, seed: int = 0, amp: bool = False,
-                     keep_adversarials: bool = False, progress: bool = False, desc: str = "attack") -> Evaluation:
+                     resume: bool | Literal["auto"] = False, key: dict[str, Any] | None = None, seed: int = 0,
+                     amp: bool = False, keep_adversarials: bool = False, progress: bool = False,
+                     desc: str = "attack") -> Evaluation:
     """``evaluate_attacks`` over ``x (N, C, H, W)``, ``y (N,)`` in fixed batches of ``batch_size``
     points, shared out over the torchrun ranks; every rank returns the whole ``Evaluation``.
 
@@ -103,13 +104,12 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
         raise InputError(f"need images (N, C, H, W) and labels (N,) with N >= 1, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
     t0 = time.perf_counter()
-    store = None
+    store, keep_done = None, False
     if store_dir is not None:
         full = {**resume_key(model, x, y, atks, batch_size=batch_size, mode=mode, threat=threat, seed=seed, amp=amp,
                              keep_adversarials=keep_adversarials), **(key or {})}
         store = UnitStore(Path(store_dir), full)
-        if resume == "auto":
-            resume = store_matches(store)
+        keep_done = store_matches(store) if resume == "auto" else bool(resume)
     units = math.ceil(n / batch_size)
 
     def compute(k: int) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
                               seed=seed, keep_adversarials=keep_adversarials, progress=False, start=s.start)
         return ev.to_record()
 
-    records = map_units(units, compute, store=store, resume=resume, progress=progress, desc=desc,
+    records = map_units(units, compute, store=store, resume=keep_done, progress=progress, desc=desc,
                         weight=lambda k: min((k + 1) * batch_size, n) - k * batch_size)
     ev = Evaluation.concat([Evaluation.from_record(r) for r in records])
     ev.seconds = time.perf_counter() - t0
