@@ -6,8 +6,8 @@ model's first layer normalizes.
 
 from robustkit.registry import ATTACKS, CERTIFIERS, DATASETS, DEFENSES, MODELS
 from robustkit.threat import ThreatModel, parse_eps
-from robustkit.zoo import RobustModel, create, load, save
+from robustkit.zoo import RobustModel, create, load, save, wrap
 
 __all__ = ["ATTACKS", "CERTIFIERS", "DATASETS", "DEFENSES", "MODELS", "RobustModel", "ThreatModel",
-           "create", "load", "parse_eps", "save"]
+           "create", "load", "parse_eps", "save", "wrap"]
 __version__ = "0.1.0"

@@ -226,6 +226,6 @@ def dry_run(model: Any, expect: int | None = -1) -> int:  # model: a RobustModel
     k = int(out.shape[1])
     if expect is not None and k != expect:
         raise IncompatibleError(f"model {model.arch!r} returns {k} logits but num_classes is {expect}; give the "
-                                f"class its head size (e.g. --arch-kwargs '{{\"num_classes\": {expect}}}') or use a "
+                                "class a num_classes constructor parameter (create passes it), or use a "
                                 f"{k}-class dataset")
     return k

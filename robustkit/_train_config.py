@@ -21,14 +21,29 @@ def _valid(key: str, check: Any, value: Any, *args: Any, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: str | None = None                # built-in / timm / tv: name (see `robustkit models`)
-    pretrained: str | None = None          # run dir, model dir, or .pt/.safetensors state dict
+    arch: str | None = None                # built-in / timm / tv: name, or package.module:ClassName (your class)
+    pretrained: str | None = None          # run dir, model dir, or .pt/.safetensors state dict (--weights)
     num_classes: int | None = None         # default: from the dataset
     mean: list[float] | None = None
     std: list[float] | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the architecture's keyword arguments
+    resize: int | str | list[int] | None = None  # H, "HxW" or [H, W] -> [H, W]: the network's input size,
+    #                                        resized inside the model (--resize)
+    strict: bool = True                    # a plain state dict must match every key (--no-strict: partial)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError(f"model.kwargs: must be a mapping of keyword arguments, got {self.kwargs!r}")
+        own = sorted(set(self.kwargs) & {"num_classes", "input_shape", "mean", "std", "pretrained", "resize"})
+        if own:
+            raise ConfigError(f"model.kwargs (--arch-kwargs): {own[0]!r} is set by robustkit, not an architecture "
+                              f"keyword; use model.{own[0]} (e.g. --set model.{own[0]}=...)")
+        if self.resize is not None:
+            from robustkit.nets import parse_resize
+
+            self.resize = list(_valid("model.resize (--resize)", lambda k, v: parse_resize(v, k), self.resize))
+        if not isinstance(self.strict, bool):
+            raise ConfigError(f"model.strict: must be true or false, got {self.strict!r}")
         if self.num_classes is not None:
             _valid("model.num_classes", validate.integer, self.num_classes, 2)
         for key in ("mean", "std"):

@@ -16,5 +16,6 @@ def run(args: argparse.Namespace) -> int:
     from robustkit.registry import MODELS
 
     print_registry(MODELS, "\nAlso: any timm model name (e.g. resnet18, vit_tiny_patch16_224) and tv:NAME for "
-                           "torchvision (e.g. tv:resnet18).")
+                           "torchvision (e.g. tv:resnet18); your own nn.Module class as package.module:ClassName "
+                           "(--arch mynets:Net --arch-kwargs JSON, importable from PYTHONPATH).")
     return 0
