@@ -127,6 +127,21 @@ def user_call(arch: str, num_classes: int, kw: dict[str, Any]) -> tuple[type[nn.
     return cls, kw
 
 
+def check_rebuildable(arch: str, num_classes: int, kw: dict[str, Any]) -> None:
+    """``InputError`` (for ``zoo.save``, before anything is written) when ``load`` could not rebuild ``arch``
+    (a wrapped class from ``__main__`` / a function body, or kwargs its constructor rejects)."""
+    if arch in MODELS or arch.startswith("tv:") or ":" not in arch:
+        return
+    if not is_import_path(arch) or arch.startswith("__main__:"):
+        raise InputError(f"cannot save a model of class {arch!r}: load() rebuilds it by importing "
+                         "package.module:ClassName, so define the class in an importable module")
+    try:
+        user_call(arch, num_classes, kw)
+    except InputError as e:
+        raise InputError(f"cannot save {arch!r} so that load() rebuilds it ({e}); pass its constructor's keyword "
+                         "arguments as wrap(..., arch_kwargs={...})") from None
+
+
 def _check_kwargs(builder: Callable[..., Any], arch: str, kw: dict[str, Any]) -> None:
     """``InputError`` naming the accepted keywords when ``kw`` does not fit ``builder``'s signature."""
     sig = inspect.signature(builder)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, dry_run, is_arch, is_import_path, user_call
+from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, check_rebuildable, dry_run, is_arch, is_import_path
 from robustkit._weights import CheckpointWarning, load_state_dict_file, load_weights
 from robustkit.errors import CheckpointError, IncompatibleError, InputError
 from robustkit.io import atomic_write, atomic_write_json
@@ -193,29 +193,13 @@ def save(model: RobustModel, path: str | Path) -> Path:
 
     if not isinstance(model, RobustModel):
         raise TypeError(f"save() takes a RobustModel, got {type(model).__name__}")
-    _check_rebuildable(model)
+    check_rebuildable(model.arch, model.num_classes, model.arch_kwargs)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = _plain_state(model)
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write_json(path / "model.json", model.spec())
     return path
-
-
-def _check_rebuildable(model: RobustModel) -> None:
-    """``InputError`` before anything is written when ``load`` could not rebuild ``model.arch``
-    (a wrapped class from ``__main__`` / a function body, or kwargs its constructor rejects)."""
-    arch = model.arch
-    if arch in MODELS or arch.startswith("tv:") or ":" not in arch:
-        return
-    if not is_import_path(arch) or arch.startswith("__main__:"):
-        raise InputError(f"cannot save a model of class {arch!r}: load() rebuilds it by importing "
-                         "package.module:ClassName, so define the class in an importable module")
-    try:
-        user_call(arch, model.num_classes, model.arch_kwargs)
-    except InputError as e:
-        raise InputError(f"cannot save {arch!r} so that load() rebuilds it ({e}); pass its constructor's keyword "
-                         "arguments as wrap(..., arch_kwargs={...})") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -301,7 +285,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> RobustMo
                        resize=spec.get("resize"), **kwargs)
     except InputError as e:  # e.g. a module that is not importable here, or a non-Module class name
         raise CheckpointError(f"{spec_file}: cannot rebuild the model: {e}") from None
-    load_weights(model, state, source=str(weights))
+    try:
+        load_weights(model, state, source=str(weights))
+    except CheckpointError as e:
+        if not is_import_path(model.arch):
+            raise
+        raise CheckpointError(f"{e} (the class was rebuilt as {model.arch}(**{model.arch_kwargs}); a model from "
+                              "wrap() needs its constructor's arch_kwargs=)") from None
     return model.to(map_location).eval()
 
 
