@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -13,9 +13,8 @@ from robustkit.app import shard
 from robustkit.data import load_data
 from robustkit.report import md_table, write_markdown
 
-if TYPE_CHECKING:
-    from robustkit.app.quickstart import Settings
-
+# ``s`` below is a ``robustkit.app.quickstart.Settings`` (typed ``Any``: that module imports this one)
+Settings = Any
 
 def load_json(p: Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {}
