@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from robustkit.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from robustkit.zoo import RobustModel
+M = TypeVar("M", bound=nn.Module)  # a robustkit.zoo.RobustModel (not imported: zoo imports this module)
 
 
 class CheckpointWarning(UserWarning):
     """A non-strict load skipped keys (the message names them)."""
 
 
-def load_weights(model: RobustModel, state: dict[str, torch.Tensor], source: str = "state dict",
-                 strict: bool = True) -> RobustModel:
+def load_weights(model: M, state: dict[str, torch.Tensor], source: str = "state dict",
+                 strict: bool = True) -> M:
     """Load ``state`` into ``model``, with a message naming ``source`` and the mismatch: missing,
     unexpected and shape-mismatched keys (counts, the first few named).
 
@@ -34,7 +33,7 @@ def load_weights(model: RobustModel, state: dict[str, torch.Tensor], source: str
     """
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if not any(k.startswith("net.") for k in state):
-        target: nn.Module = model.net
+        target: nn.Module = model.net  # type: ignore[assignment]
     else:
         target = model
         own_norm = {k: v for k, v in model.state_dict().items() if k.startswith("normalize.")}
