@@ -197,10 +197,10 @@ class Resize(nn.Module):
         return f"size={self.size}"
 
 
-def parse_resize(value: object) -> tuple[int, int]:
+def parse_resize(value: object, name: str = "resize") -> tuple[int, int]:
     """``224`` / ``"224"`` -> ``(224, 224)``; ``"224x192"`` / ``[224, 192]`` -> ``(224, 192)``.
     Anything else (0, negative, non-integer, three numbers) is an ``InputError``."""
-    bad = InputError(f"resize must be H or HxW with positive integers (e.g. 224 or 224x192), got {value!r}")
+    bad = InputError(f"{name} must be H or HxW with positive integers (e.g. 224 or 224x192), got {value!r}")
     if isinstance(value, str):
         parts: list[object] = [p.strip() for p in value.lower().split("x")]
         if not all(isinstance(p, str) and p.isdigit() for p in parts):
