@@ -281,6 +281,10 @@ def layers_of(model: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
     DDP / DataParallel wrappers are unwrapped (gradients still reach the shared parameters)."""
     model = unwrap(model)
     if isinstance(model, RobustModel):
+        if getattr(model, "resize", None) is not None:
+            raise UnsupportedLayerError(
+                "resize: the model resizes its input inside (--resize); bound propagation through the "
+                "interpolation is not implemented: certify it with smoothing (--method smoothing)")
         return _flatten(model.normalize, "normalize") + _flatten(model.net, "net")
     return _flatten(model, "model")
 

@@ -126,7 +126,7 @@ def test_rerun_reuses_per_model_results(bench: tuple[dict[str, Any], Path], mode
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("attack ran again although the per-model result could be reused")
 
-    monkeypatch.setattr(_bench_attacks, "evaluate_attacks", boom)
+    monkeypatch.setattr(_bench_attacks, "evaluate_sharded", boom)
     again = bm.run_benchmark(model_dirs, out, n=40, eps=0.1, attacks=ATTACKS, certify=["ibp", "smoothing"],
                              eps_grid=[0, 0.05, 0.1], attack_params=CHEAP, smoothing=SMOOTH, batch_size=64,
                              progress=False)

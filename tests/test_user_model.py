@@ -230,8 +230,6 @@ def test_imagenet_size_net_on_28x28_needs_resize(tmp_path, capsys):
     assert model(X[:2]).shape == (2, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="needs robustkit/app/train.py build_model to pass model.resize / model.strict "
-                                       "to zoo.create (patch: /tmp/docs/byom_train_py.patch); remove this mark then")
 def test_cli_resize_and_no_strict_reach_the_model(tmp_path, capsys):
     rc, err = run_cli(["train", "--arch", "_user_nets:Fixed56", "--resize", "56", *FAST,
                        "--out", str(tmp_path / "fixed")], capsys)
@@ -242,3 +240,11 @@ def test_cli_resize_and_no_strict_reach_the_model(tmp_path, capsys):
         rc, err = run_cli(["train", "--arch", "_user_nets:TinyNet", "--weights", str(tmp_path / "three.pt"),
                            "--no-strict", *FAST, "--out", str(tmp_path / "partial")], capsys)
     assert rc == 0, err
+
+
+def test_bound_propagation_refuses_a_resized_model():
+    """IBP / CROWN-IBP have no rule for the in-model interpolation: one clear error, not a wrong bound."""
+    from certify._layers import UnsupportedLayerError, layers_of
+
+    with pytest.raises(UnsupportedLayerError, match="resizes its input inside.*smoothing"):
+        layers_of(create("ibp-small", 10, (1, 28, 28), resize=32))

@@ -35,6 +35,7 @@ from robustkit.app import _bench_report as rep
 from robustkit.app._bench_attacks import bench_attack, eps_curve, run_attacks
 from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
 from robustkit.app._bench_models import ModelsArg, load_models, run_sigma
+from robustkit.app._robustbench import reported_entries
 from robustkit.app.shard import broadcast, check_enough, setup, world
 from robustkit.app.sharded_eval import check_output_dir
 from robustkit.config import BenchmarkConfig, from_dict
@@ -101,12 +102,17 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
     s = settings(cfg, certifiers)
     out = Path(cfg.out)
     check_output_dir(out)
+    items = cfg.models if models is None else models
+    reported = reported_entries(items, s)                     # RobustBench model_info .json items, as reported
+    if reported and len(reported) == len(items):             # nothing to evaluate: no data, no model
+        return rep.reported_only(out, {"format": FORMAT, "settings": s, "models": [], "reported": reported,
+                                       "flags": {}})
     data = load_data(cfg.dataset, "test", cfg.data_root, cfg.download)
     if cfg.n > len(data):
         raise InputError(f"n={cfg.n} is larger than the {len(data)} test images of dataset {cfg.dataset!r}")
     check_enough(cfg.n, "images")
     w, rank_device = setup("cpu" if device is None else device)     # under torchrun: the process group
-    named = load_models(cfg.models if models is None else models, None if device is None else rank_device)
+    named = load_models(items, None if device is None else rank_device)
     for name, (model, _) in named.items():
         check_compatible(model, data.info, name=f"model {name!r}")
     for a in cfg.attacks:      # build once up front so bad attack parameters fail before any work
@@ -115,7 +121,7 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
     entries = [_model_entry(name, model, source, x, y, cfg, s, certifiers, out, progress)
                for name, (model, source) in tqdm(named.items(), desc="benchmark", unit="model",
                                                  disable=not (progress and w.is_main))]
-    res = {"format": FORMAT, "settings": s, "models": rep.leaderboard_order(entries),
+    res = {"format": FORMAT, "settings": s, "models": rep.leaderboard_order(entries), "reported": reported,
            "flags": {e["name"]: e["flags"] for e in entries if any(e["flags"].values())}}
     if w.is_main:
         rep.write_all(out, res)

@@ -86,29 +86,33 @@ def build_model(cfg: TrainConfig, device: torch.device) -> RobustModel:
     info = dataset_info(cfg.data.name)
     m = cfg.model
     num_classes = m.num_classes or info.num_classes
+    kw = {**m.kwargs, "resize": m.resize}  # model.resize: the network's input size, resized inside the model
     src = m.pretrained
     if not src:
         if not m.arch:
             raise ConfigError("model.arch is required when model.pretrained is not given (see `robustkit models`)")
-        model = create(m.arch, num_classes, info.input_shape, m.mean, m.std, **m.kwargs)
+        model = create(m.arch, num_classes, info.input_shape, m.mean, m.std, **kw)
     elif names_a_model(src):
         if not is_arch(src):
             raise ConfigError(f"pretrained model not found: {src} (expected a run directory, a model directory with "
                               "model.json + model.safetensors, a .pt/.pth/.safetensors state dict, or a timm / tv: "
                               "model name with locally cached weights)")
         try:
-            model = create(src, num_classes, info.input_shape, m.mean, m.std, pretrained=True, **m.kwargs)
+            model = create(src, num_classes, info.input_shape, m.mean, m.std, pretrained=True, **kw)
         except (RuntimeError, OSError) as e:  # e.g. weights not in the local cache and no internet
             raise ConfigError(f"cannot load the pretrained weights of {src!r}: {str(e).splitlines()[0][:200]}"
                               ) from None
     elif Path(src).is_file() and Path(src).suffix in STATE_DICT_SUFFIXES and Path(src).name != "model.safetensors":
         if not m.arch:
             raise ConfigError(f"model.arch is required to load the plain state dict {src}")
-        model = from_pretrained_file(src, m.arch, num_classes, info.input_shape, m.mean, m.std, **m.kwargs)
+        model = from_pretrained_file(src, m.arch, num_classes, info.input_shape, m.mean, m.std, strict=m.strict, **kw)
     else:
         model = load(src)
         if m.arch and model.arch != m.arch:
             raise CheckpointError(f"{src}: pretrained model is {model.arch!r}, but the config asks for {m.arch!r}")
+        have = list(model.resize.size) if model.resize is not None else None
+        if m.resize is not None and have != m.resize:
+            raise ConfigError(f"{src}: the saved model runs at resize={have}; model.resize={m.resize} cannot change it")
     check_compatible(model, info)
     return model.to(device)
 
