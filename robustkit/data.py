@@ -109,7 +109,8 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        # per rank: under DDP each rank's b-th batch must not get the same crop/flip offsets
+        g = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) * self.world_size + self.rank)
         for b in range(len(self)):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = to_float(self.data.images[j].to(self.device, non_blocking=True))  # (B, C, H, W)

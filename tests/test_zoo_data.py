@@ -167,3 +167,17 @@ def test_imagefolder(tmp_path):
                 Image.new("RGB", (8, 8), color=(i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
     d = load_data(f"imagefolder:{tmp_path}", "train")
     assert d.images.shape == (6, 3, 8, 8) and d.info.num_classes == 2
+
+
+def test_crop_flip_offsets_differ_per_rank():
+    """Under DDP the ranks' b-th batches get their own augmentation draws (one process: unchanged).
+    Every image is the same digit, so equal draws would give equal batches."""
+    from robustkit.data import Data, TensorLoader, load_data
+
+    base = load_data("mnist5k", "train")
+    same = Data(base.info, base.images[:1].repeat(64, 1, 1, 1), base.labels[:1].repeat(64))
+    x0, x1 = (next(iter(TensorLoader(same, batch_size=16, augment="crop-flip", seed=3, rank=r, world_size=2)))[0]
+              for r in (0, 1))
+    assert not torch.equal(x0, x1)
+    a, b = (next(iter(TensorLoader(same, batch_size=16, augment="crop-flip", seed=3)))[0] for _ in range(2))
+    assert torch.equal(a, b)                                            # still deterministic
