@@ -145,6 +145,7 @@ DEFENSE_CONFIGS: dict[str, dict[str, Any]] = {
     "pgd-at": SMALL_ADV, "trades": SMALL_ADV, "mart": SMALL_ADV,
     "awp": {"gamma": 0.01, "warmup_epochs": 0},
     "rwp": {"gamma": 0.01, "warmup_epochs": 0, "c_min": 100.0, "iterations": 2},   # c_min: every sample
+    "sam": {"rho": 0.05}, "amp": {"epsilon": 0.5, "inner_steps": 2},
 }
 
 
