@@ -1,15 +1,19 @@
 """robustkit defenses. Importing this package registers every objective in ``DEFENSES``."""
 
 from defenses.amp import AMP
+from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
+from defenses.dr_reweight import DoublyRobust
 from defenses.ibp import IBPTraining
 from defenses.mart import MART
 from defenses.noise import GaussianNoise
 from defenses.pgd_at import PGDAT
 from defenses.sam import SAM
+from defenses.score import SCORE
 from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["AMP", "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
+__all__ = ["AMP", "ARoW", "DoublyRobust", "SCORE",
+           "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]
