@@ -105,6 +105,26 @@ def slow_start_fast_decay(peak_at: float = 0.5, start: float = 0.0, final: float
     return f
 
 
+@_register("cyclic")
+def cyclic(peak_at: float = 0.5, warmup: float = 0.0) -> Schedule:
+    """One cycle (Smith 2017, "Cyclical Learning Rates for Training Neural Networks"), as used by
+    fast adversarial training (Wong, Rice, Kolter 2020, "Fast is better than free"): linear from 0
+    up to the peak LR at ``peak_at`` (a fraction of training), then linear down to 0 at the end.
+
+    ``peak_at=0.5`` follows the released ``train_fgsm.py`` (``CyclicLR`` with ``step_size_up =
+    step_size_down`` = half the steps, lr 0 -> 0.2 -> 0); its DAWNBench script ``train_cifar.py``
+    peaks at 2/5 of training (``np.interp(t, [0, 2/5 E, E], [0, lr_max, 0])``): ``peak_at=0.4``.
+    ``schedule.warmup_epochs`` (passed as ``warmup``, a fraction of training), when > 0, sets ``peak_at``.
+    """
+    peak = float(warmup) if warmup and warmup > 0 else float(peak_at)
+    number("peak_at", peak, 0.0, 1.0, strict_min=True, strict_max=True)
+
+    def f(t: float) -> float:
+        return t / peak if t < peak else max(0.0, (1.0 - t) / (1.0 - peak))
+
+    return f
+
+
 def make_schedule(name: str, **knobs: Any) -> Schedule:
     if name not in SCHEDULES:
         raise InputError(f"unknown LR schedule {name!r}; allowed: {', '.join(sorted(SCHEDULES))}")

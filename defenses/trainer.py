@@ -175,8 +175,9 @@ class Trainer:
             if self.is_main:
                 self.run.truncate_metrics(self.epoch)
             self.history = self.run.metrics()
-        while self.epoch < self.epochs:
+        while self.epoch < self.epochs and not self._stop_requested():
             record = self._train_epoch()
+            record.update(self._end_epoch())
             record.update(self._evaluate())
             self.history.append(record)
             self.epoch, self.batch = self.epoch + 1, 0
@@ -250,6 +251,25 @@ class Trainer:
         self.scheduler.step()
         self.defense.after_step(self.model, ctx)
         return logs
+
+    def _objectives(self) -> list[Any]:
+        """The defense and, for a wrapper (AWP / RWP), its inner objective."""
+        return [d for d in (self.defense, getattr(self.defense, "inner", None)) if d is not None]
+
+    def _end_epoch(self) -> dict[str, Any]:
+        """Each objective's optional ``end_epoch(model, ctx) -> metrics`` hook, on every rank after the
+        epoch's last step and before the evaluation (fast AT's catastrophic-overfitting check, which may
+        put back earlier weights and set ``stop_training``)."""
+        ctx = StepContext(self.epoch, self.epochs, self.step, self.steps_per_epoch, self.optimizer)
+        out: dict[str, Any] = {}
+        for d in self._objectives():
+            if callable(getattr(d, "end_epoch", None)):
+                out.update(d.end_epoch(self.model, ctx))
+        return out
+
+    def _stop_requested(self) -> bool:
+        """An objective asks to end training early (``stop_training``: identical on every rank)."""
+        return any(bool(getattr(d, "stop_training", False)) for d in self._objectives())
 
     def _evaluate(self) -> dict[str, float]:
         if self.evaluator is None:

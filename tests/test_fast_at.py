@@ -1,0 +1,225 @@
+"""Fast adversarial training (Wong et al. 2020), its catastrophic-overfitting detector, the cyclic LR.
+
+Tiny models on mnist5k; the whole file runs in ~15 s on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import defenses  # noqa: F401  (registers the objectives)
+from defenses._overfit import OverfitDetector
+from defenses.fast_at import FastAT
+from defenses.schedules import make_schedule
+from defenses.trainer import Trainer, make_optimizer
+from robustkit.data import TensorLoader, make_loader
+from robustkit.errors import InputError
+from robustkit.registry import DEFENSES
+from robustkit.runs import RunDir
+from robustkit.zoo import RobustModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0) -> RobustModel:
+    """conv(1->4, 3x3, stride 2) + ReLU + linear: (B, 1, 28, 28) -> (B, 10)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+    return RobustModel(net, "tiny", 10, (1, 28, 28), (0.5,), (0.5,)).train()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(make_loader("mnist5k", "train", batch_size=32, shuffle=False)))
+
+
+# -- the detector on synthetic accuracy sequences ---------------------------------------------
+def _run(seq, **kw) -> OverfitDetector:
+    d = OverfitDetector(**kw)
+    for pgd, fgsm in seq:
+        d.update(pgd, fgsm)
+    return d
+
+
+def test_detector_flags_the_pgd_collapse_while_fgsm_rises():
+    seq = [(0.20, 0.30), (0.35, 0.42), (0.40, 0.45), (0.38, 0.47), (0.05, 0.80), (0.00, 0.90)]
+    d = _run(seq)
+    assert d.detected and d.detected_at == 4 and d.best_check == 2 and d.best_pgd == 0.40
+    assert "0.400" in d.message() and "0.050" in d.message()
+    # healthy training (noise below the threshold, a plateau) is never flagged
+    assert not _run([(0.2, 0.3), (0.4, 0.5), (0.25, 0.55), (0.42, 0.5), (0.41, 0.52)]).detected
+    # a slow collapse spread over several checks is caught once it exceeds the drop from the best
+    slow = _run([(0.5, 0.55), (0.42, 0.6), (0.34, 0.7), (0.26, 0.8)])
+    assert slow.detected_at == 3
+    # a plain divergence (FGSM accuracy falls as well) is not catastrophic overfitting ...
+    div = [(0.4, 0.5), (0.1, 0.15)]
+    assert not _run(div).detected
+    # ... unless the FGSM condition is switched off; a larger drop threshold needs a larger fall
+    assert _run(div, require_fgsm_rise=False).detected
+    assert not _run(seq, drop=0.5).detected and _run(seq, drop=0.35).detected_at == 4
+
+
+def test_detector_state_round_trip_and_bad_input():
+    seq = [(0.2, 0.3), (0.4, 0.5), (0.1, 0.9)]
+    a = _run(seq[:2])
+    b = OverfitDetector()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert a.update(*seq[2]) and b.update(*seq[2]) and a.state_dict() == b.state_dict()
+    for bad in (0.0, 1.5, "0.2", True):
+        with pytest.raises(InputError, match="co_drop"):
+            OverfitDetector(drop=bad)
+
+
+# -- the objective ---------------------------------------------------------------------------
+def test_fgsm_step_matches_the_hand_computed_formula(batch):
+    """delta0 = U(-eps, eps) (then x + delta0 clipped to [0, 1]); delta = clip_eps(delta0 + alpha sign(g));
+    x_adv = clip_[0,1](x + delta); loss = CE(f(x_adv), y)."""
+    x, y = batch
+    model = tiny_model()
+    eps, alpha = 0.3, 0.375
+    d = FastAT(preset="mnist")
+    assert (d.eps, d.step_size) == (eps, alpha) and FastAT().eps == 8 / 255 and FastAT().step_size == 10 / 255
+    g = torch.Generator().manual_seed(7)
+    x_adv = d.fgsm(model, x, y, torch.Generator().manual_seed(7))
+    u = torch.rand(x.shape, generator=g)
+    x0 = (x + (2 * u - 1) * eps).clamp(0, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model.eval()(x0), y, reduction="sum"), [x0])
+    model.train()
+    want = (torch.min(torch.max(x0.detach() + alpha * grad.sign(), x - eps), x + eps)).clamp(0, 1)
+    assert torch.allclose(x_adv, want, atol=1e-6)
+    assert ((x_adv - x).abs() <= eps + 1e-6).all() and model.training and model.net[0].weight.grad is None
+    # alpha = 1.25 eps > eps: the step lands on the ball's face wherever the start was not more than
+    # alpha - eps behind it (against the gradient's sign) and [0, 1] does not clip
+    behind = grad.sign() * (x0.detach() - x)
+    inside = (grad != 0) & (behind > -(alpha - eps) + 1e-6) & (want > 0) & (want < 1)
+    assert inside.float().mean() > 0.1
+    assert torch.allclose((x_adv - x)[inside].abs(), torch.full_like(x_adv[inside], eps), atol=1e-6)
+    loss, logs = d.objective(model, x, x_adv, y)
+    assert torch.allclose(loss, F.cross_entropy(model(x_adv), y))
+    assert 0.0 <= float(logs["adv_acc"]) <= 1.0
+    zero = FastAT(preset="mnist", init="zero").fgsm(model, x, y)                 # plain FGSM from x
+    assert torch.allclose(zero, (x + eps * grad_at(model, x, y).sign()).clamp(0, 1), atol=1e-6)
+
+
+def grad_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    xr = x.clone().requires_grad_(True)
+    model.eval()
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), [xr])
+    model.train()
+    return g
+
+
+def test_deterministic_under_a_seed_and_bad_hyperparameters(batch):
+    x, y = batch
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        losses.append(float(FastAT(preset="mnist").loss(tiny_model(), x, y)[0].detach()))
+    assert losses[0] == losses[1]
+    for kw, match in (({"init": "gauss"}, "init"), ({"co_every": 0}, "co_every"), ({"co_drop": 2}, "co_drop"),
+                      ({"step_size": -1}, "step_size"), ({"preset": "imagenet"}, "preset")):
+        with pytest.raises(InputError, match=match):
+            DEFENSES.get("fast-at")(**kw)
+
+
+# -- the check inside the Trainer ------------------------------------------------------------
+_LOADER: list[TensorLoader] = []
+
+
+def _trainer(defense, model, run=None, epochs: int = 4) -> Trainer:
+    """A Trainer on 200 mnist5k images, batches of 50 (the loader is built once: it costs ~3 s)."""
+    if not _LOADER:
+        _LOADER.append(make_loader("mnist5k", "train", batch_size=50, n=200, shuffle=True, seed=0))
+    loader = _LOADER[0]
+    return Trainer(model, defense, loader, epochs=epochs, run=run, progress=False,
+                   optimizer=make_optimizer(model.parameters(), "adam", lr=5e-3, weight_decay=0.0),
+                   schedule=make_schedule("cyclic", peak_at=0.4))
+
+
+def test_early_stop_keeps_the_weights_before_the_collapse(tmp_path, monkeypatch):
+    """Synthetic probe accuracies (a collapse at the 3rd check) through the real Trainer: the 3rd
+    epoch's record says so, training stops there with the weights of epoch 2, and a resume of the
+    stopped run trains nothing more."""
+    d, model = FastAT(preset="mnist", co_batch=16, early_stop=True), tiny_model()
+    seq, seen = [(0.3, 0.35), (0.5, 0.55), (0.05, 0.9), (0.0, 0.95)], []
+
+    def fake(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return seq[len(seen) - 1]
+
+    monkeypatch.setattr(d, "probe_accuracies", fake)
+    assert d._probe is None
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting.*fell from 0.500"):
+        hist = _trainer(d, model, RunDir(tmp_path / "run").create("{}")).fit()
+    assert [r["co_detected"] for r in hist] == [0, 0, 1] and hist[-1]["co_restored"] == 1
+    assert d.stop_training and d._probe[0].shape == (16, 1, 28, 28)
+    assert all(torch.equal(v, seen[1][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
+    d2 = FastAT(preset="mnist", co_batch=16, early_stop=True)
+    monkeypatch.setattr(d2, "probe_accuracies", lambda m: pytest.fail("a stopped run must not train on"))
+    again = _trainer(d2, tiny_model(1), RunDir(tmp_path / "run").create("{}", resume=True)).fit(resume=True)
+    assert len(again) == 3 and d2.stop_training and d2._detector.detected_at == 2
+
+
+def test_without_early_stop_training_goes_on_and_logs(monkeypatch):
+    d = FastAT(preset="mnist", co_batch=16, co_every=2)
+    seq = iter([(0.5, 0.55), (0.05, 0.9)])
+    monkeypatch.setattr(d, "probe_accuracies", lambda m: next(seq))
+    with pytest.warns(RuntimeWarning, match="early_stop=True"):
+        hist = _trainer(d, tiny_model()).fit()
+    assert len(hist) == 4 and "co_pgd_acc" not in hist[0] and hist[1]["co_detected"] == 0
+    assert hist[3]["co_detected"] == 1 and "co_restored" not in hist[3] and not d.stop_training
+
+
+def test_fast_at_trains_end_to_end_and_resumes_exactly(tmp_path):
+    """The real probe (PGD-5 vs FGSM on the first batch), 2 epochs; interrupted after epoch 1 and
+    resumed, the weights and the detector's history equal the uninterrupted run's."""
+    ref_d, ref = FastAT(preset="mnist", co_batch=32), tiny_model()
+    torch.manual_seed(0)
+    hist = _trainer(ref_d, ref, RunDir(tmp_path / "ref").create("{}"), epochs=2).fit()
+    assert all(0.0 <= r["co_pgd_acc"] <= r["co_fgsm_acc"] + 0.5 and math.isfinite(r["train_loss"]) for r in hist)
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]       # it learns
+    d, m = FastAT(preset="mnist", co_batch=32), tiny_model()
+    torch.manual_seed(0)
+    part = _trainer(d, m, RunDir(tmp_path / "run").create("{}"), epochs=2)
+    part.epochs = 1                                            # stop after epoch 1 (same schedule)
+    part.fit()
+    d2, m2 = FastAT(preset="mnist", co_batch=32), tiny_model(5)
+    _trainer(d2, m2, RunDir(tmp_path / "run").create("{}", resume=True), epochs=2).fit(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m2.state_dict().values()))
+    assert d2._detector.history == ref_d._detector.history
+
+
+def test_cli_train_fast_at_on_mnist5k(tmp_path):
+    from robustkit.cli import main
+
+    out = tmp_path / "r"
+    rc = main(["train", "--model", "ibp-small", "--dataset", "mnist5k", "--defense", "fast-at", "--eps", "0.3",
+               "--epochs", "2", "--schedule", "cyclic", "--optimizer", "adam", "--lr", "0.005", "--eval-n", "50",
+               "--set", "data.n_train=300", "--set", "defense.params.preset=mnist", "--set", "eval.steps=3",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all({"co_pgd_acc", "co_fgsm_acc", "co_detected"} <= set(r) for r in recs)
+
+
+def test_cyclic_schedule_shape():
+    f = make_schedule("cyclic")
+    assert [f(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    g = make_schedule("cyclic", peak_at=0.4)
+    assert g(0.4) == 1.0 and math.isclose(g(0.2), 0.5) and math.isclose(g(0.7), 0.5)
+    assert make_schedule("cyclic", warmup=0.2)(0.2) == 1.0         # schedule.warmup_epochs sets the peak
+    with pytest.raises(InputError, match="peak_at"):
+        make_schedule("cyclic", peak_at=1.0)
