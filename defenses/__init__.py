@@ -4,6 +4,7 @@ from defenses.amp import AMP
 from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
 from defenses.dr_reweight import DoublyRobust
+from defenses.fast_at import FastAT
 from defenses.ibp import IBPTraining
 from defenses.mart import MART
 from defenses.noise import GaussianNoise
@@ -14,6 +15,6 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["AMP", "ARoW", "DoublyRobust", "SCORE",
+__all__ = ["AMP", "ARoW", "DoublyRobust", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]

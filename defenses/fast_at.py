@@ -186,6 +186,8 @@ class FastAT(AdversarialObjective):
                 "healthy": copy.copy(self._healthy)}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
+        if not s:  # a checkpoint without fast-at state: nothing to restore
+            return
         self._detector.load_state_dict(s["detector"])
         self._stop = bool(s["stop_training"])
         self._probe = (s["probe"][0], s["probe"][1]) if s.get("probe") is not None else None
