@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from robustkit.errors import CheckpointError
+
 
 @dataclass
 class StepContext:
@@ -58,6 +60,26 @@ class Defense:
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook after each optimizer step (default: nothing)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state beyond the weights (e.g. ADR's EMA teacher), saved in every trainer
+        checkpoint and restored on resume: tensors, numbers and strings only (the checkpoint is read
+        with ``torch.load(weights_only=True)``). Default: none; a wrapper holding an ``inner``
+        objective (AWP, RWP) returns the inner one's state under ``"inner"``."""
+        inner = getattr(self, "inner", None)
+        state = inner.state_dict() if isinstance(inner, Defense) else {}
+        return {"inner": state} if state else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned. ``CheckpointError`` for state this objective does not hold."""
+        if not state:
+            return
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Defense) and set(state) == {"inner"}:
+            inner.load_state_dict(state["inner"])
+            return
+        raise CheckpointError(f"the checkpoint holds training state {sorted(state)} that the objective "
+                              f"{self.name!r} does not take; resume with the defense that wrote it")
 
     def params(self) -> dict[str, Any]:
         return {"defense": self.name, **{k: v for k, v in vars(self).items()

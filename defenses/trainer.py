@@ -131,8 +131,7 @@ class Trainer:
                              "world_size": self.world_size}
         if torch.cuda.is_available():
             s["rng_cuda"] = torch.cuda.get_rng_state_all()
-        if hasattr(self.defense, "state_dict"):
-            s["defense"] = self.defense.state_dict()
+        s["defense"] = self.defense.state_dict()  # e.g. ADR's EMA teacher (identical on every DDP rank)
         s["ranks"] = gather_objects(self._rank_state()) if self.ddp else [self._rank_state()]
         return s
 
@@ -154,8 +153,7 @@ class Trainer:
             if "rng_cuda" in mine and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
             self._sums, self._n_batches = dict(mine["sums"]), int(mine["n_batches"])
-        if "defense" in s and hasattr(self.defense, "load_state_dict"):
-            self.defense.load_state_dict(s["defense"])
+        self.defense.load_state_dict(s.get("defense") or {})
 
     def _checkpoint(self, name: str = "last") -> None:
         """Write checkpoint ``name`` (main process only). A collective under DDP: every rank calls it."""
