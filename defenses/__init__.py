@@ -1,5 +1,6 @@
 """robustkit defenses. Importing this package registers every objective in ``DEFENSES``."""
 
+from defenses.adr import ADR
 from defenses.amp import AMP
 from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
@@ -15,6 +16,6 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["AMP", "ARoW", "DoublyRobust", "FastAT", "SCORE",
+__all__ = ["ADR", "AMP", "ARoW", "DoublyRobust", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]
