@@ -223,3 +223,14 @@ def test_cyclic_schedule_shape():
     assert make_schedule("cyclic", warmup=0.2)(0.2) == 1.0         # schedule.warmup_epochs sets the peak
     with pytest.raises(InputError, match="peak_at"):
         make_schedule("cyclic", peak_at=1.0)
+
+
+def test_the_check_runs_inside_a_weight_perturbation_wrapper(monkeypatch):
+    """AWP(fast-at): the Trainer finds the inner objective's end_epoch hook and its stop request."""
+    inner = FastAT(preset="mnist", co_batch=16, early_stop=True)
+    seq = iter([(0.5, 0.55), (0.05, 0.9)])
+    monkeypatch.setattr(inner, "probe_accuracies", lambda m: next(seq))
+    awp = DEFENSES.get("awp")(inner, gamma=0.01, warmup_epochs=0)
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting"):
+        hist = _trainer(awp, tiny_model()).fit()
+    assert [r["co_detected"] for r in hist] == [0, 1] and hist[1]["co_restored"] == 1
