@@ -6,6 +6,11 @@
   Training", IJCAI 2022 (https://arxiv.org/abs/2205.14826); code
   ChaojianYu/Robust-Weight-Perturbation.
 
+The mechanism (``_WeightPerturbation``: perturb before the loss, step, restore bit-exactly) is
+shared by every weight-perturbation rule; a rule is its ``direction`` (and, if it perturbs other
+tensors, ``_perturbed``). Other rules on it: ``defenses/sam.py`` (SAM / ASAM) and
+``defenses/amp.py`` (AMP).
+
 Per batch, as in both codes: the adversarial examples are generated once with the
 unperturbed weights (``inner.perturb``); a proxy copy of the model ascends the objective
 on them; the weights are moved by ``gamma * v``; the trainer computes the objective on the
@@ -49,7 +54,8 @@ _EPS = 1e-20  # as in both codes
 
 
 class _WeightPerturbation(Defense):
-    """Shared machinery; subclasses implement ``direction`` -> ``{name: v}``."""
+    """Shared machinery; subclasses implement ``direction`` -> ``{name: v}`` (the weights move by
+    ``gamma * v``) and may override ``_perturbed`` (which tensors)."""
 
     # (gamma, warmup_epochs) when the inner objective is TRADES / anything else
     DEFAULTS: dict[str, tuple[float, int]] = {}
