@@ -90,17 +90,9 @@ def rectified_labels(logits_teacher: torch.Tensor, y: torch.Tensor, temperature:
 
 
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
-    """In place, every rank's tensors become rank 0's (one broadcast per dtype over a flat buffer)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    """In place, every rank's tensors become rank 0's (the few BN buffers: one broadcast each)."""
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])                   # (sum of numels,)
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        dist.broadcast(t, src=0)
 
 
 @DEFENSES.register("adr", help="ADR (Wu et al. 2024): PGD-AT / TRADES on rectified labels of an EMA teacher")

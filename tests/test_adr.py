@@ -243,6 +243,18 @@ def test_cli_train_adr_with_awp(tmp_path):
     assert set(state["defense"]["inner"]["teacher"]) == set(create("ibp-small", 10, (1, 28, 28)).state_dict())
 
 
+@pytest.mark.parametrize("name", ["train_adr_cifar10", "train_adr_awp_cifar10", "train_adr_mnist5k"])
+def test_recipes_load_and_build(name):
+    from robustkit.app.train import build_defense
+    from robustkit.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml", [])
+    d = build_defense(cfg)
+    adr = d.inner if isinstance(d, AWP) else d
+    assert isinstance(adr, ADR) and adr.ema_decay == 0.995
+    assert (adr.temperature_low, adr.interpolation_high) == ((1.5, 0.85) if "awp" in name else (2.0, 0.95))
+
+
 # -- DDP: run as a script under torchrun (2 CPU processes, gloo) --------------------------------------
 def _ddp_worker(out: str) -> None:
     import torch.distributed as dist
