@@ -64,7 +64,7 @@ def add_train_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"])
     p.add_argument("--schedule", default=None, help="LR schedule: constant, cosine, step, linear, "
-                                                     "slow-start-fast-decay")
+                                                     "slow-start-fast-decay, cyclic")
     p.add_argument("--defense", default=None, help="training objective (robustkit DEFENSES: standard, pgd-at, "
                                                     "trades, mart, ...)")
     p.add_argument("--weight-perturbation", default=None, choices=["awp", "rwp"])
