@@ -107,7 +107,7 @@ class ScheduleConfig:
 class DefenseConfig:
     name: str = "standard"
     params: dict[str, Any] = field(default_factory=dict)
-    weight_perturbation: str | None = None  # awp | rwp
+    weight_perturbation: str | None = None  # awp | rwp | sam | amp
     wp_params: dict[str, Any] = field(default_factory=dict)
 
 

@@ -67,7 +67,8 @@ def add_train_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
                                                      "slow-start-fast-decay, cyclic")
     p.add_argument("--defense", default=None, help="training objective (robustkit DEFENSES: standard, pgd-at, "
                                                     "trades, mart, ...)")
-    p.add_argument("--weight-perturbation", default=None, choices=["awp", "rwp"])
+    p.add_argument("--weight-perturbation", default=None, choices=["awp", "rwp", "sam", "amp"],
+                   help="wrap the objective in a weight-perturbation rule (AWP, RWP, SAM, AMP)")
     p.add_argument("--eps", default=None, help="defense radius, e.g. 0.3 or 8/255 (also the evaluation eps)")
     p.add_argument("--beta", type=float, default=None, help="defense.params.beta (TRADES / MART)")
     p.add_argument("--eval-n", type=int, default=None, help="test images evaluated after each epoch")

@@ -1,7 +1,7 @@
 """``robustkit finetune``: adversarial fine-tuning of a pretrained model.
 
     robustkit finetune --model runs/standard --dataset mnist5k --defense trades \\
-        [--weight-perturbation awp|rwp] --schedule slow-start-fast-decay --epochs 5 --lr 0.05 --out runs/ft
+        [--weight-perturbation awp|rwp|sam|amp] --schedule slow-start-fast-decay --epochs 5 --lr 0.05 --out runs/ft
 
 Fine-tuning is training that starts from the pretrained weights (``model.pretrained``)
 with the slow-start-fast-decay schedule (Jeddi et al. 2020) by default; the weight
