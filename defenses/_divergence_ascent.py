@@ -1,8 +1,8 @@
 """The TRADES-style inner maximization for any divergence between the adversarial and the clean
 prediction (ARoW: KL from a uniform start; SCORE: squared error between the probabilities).
 
-``defenses/trades.py`` runs the same loop with the KL and the ``x + 0.001 * randn`` start; this
-module lets the successors pick the divergence and the start without re-deriving the loop.
+TRADES itself is this loop with the KL and the ``x + 0.001 * randn`` start; the successors pick
+their divergence and start without re-deriving the loop.
 """
 
 from __future__ import annotations

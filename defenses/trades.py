@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from defenses._adversarial import BetaObjective, accuracy_logs, kl_per_sample, reduce
-from robustkit.modes import eval_mode
+from defenses._divergence_ascent import divergence_ascent
 from robustkit.registry import DEFENSES
 
 # The official scripts' defaults. CIFAR-10: eps 0.031, 10 steps of 0.007 (train_trades_cifar10.py;
@@ -60,16 +60,7 @@ class TRADES(BetaObjective):
         x = x.detach()
         if self.beta == 0:
             return x
-        with eval_mode(model), torch.enable_grad():
-            with torch.no_grad():
-                logits_clean = model(x)                             # (B, K), fixed target
-            x_adv = self.start(x, "normal")
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                loss = kl_per_sample(model(x_adv), logits_clean).sum()
-                (grad,) = torch.autograd.grad(loss, [x_adv])        # input gradient only
-                x_adv = self.tm.project(self.tm.step(x_adv.detach(), grad, self.step_size), x)
-        return x_adv.detach()
+        return divergence_ascent(self, model, x, kl_per_sample, "normal")
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, Any]]:
