@@ -143,6 +143,7 @@ class Evaluation:
             "forward_passes": self.clean_forward + self.verify_forward + sum(st.forward_passes for st in self.stats),
             "backward_passes": sum(st.backward_passes for st in self.stats),
             "per_attack": rows,
+            **per_class(self.y, self.clean_correct, self.robust),
             # per-point (N,) tensors / lists on CPU
             "clean_correct": self.clean_correct, "success": s, "robust": self.robust,
             "broken_by": [self.attacks[i] if i >= 0 else None for i in self.broken_by.tolist()],
@@ -200,6 +201,24 @@ class Evaluation:
         for k in ("seconds", "clean_seconds", "clean_forward", "verify_forward"):
             kw[k] = sum(getattr(p, k) for p in parts)
         return cls(mode=first.mode, attacks=list(first.attacks), **kw)
+
+
+def per_class(y: torch.Tensor, clean_correct: torch.Tensor, robust: torch.Tensor) -> dict[str, Any]:
+    """Clean and robust accuracy per class present in ``y (N,)`` (masks ``(N,)`` bool), exact integer
+    ratios: ``{per_class: [{class, n, clean_accuracy, robust_accuracy}], worst_class_robust_accuracy,
+    worst_class}``; the worst class is the one of lowest robust accuracy among classes with at least
+    one point (ties: the lowest class id; ``None`` and ``0.0`` when there are no points). The metric
+    fairness-aware training reports (DAFA, Lee et al., ICLR 2024)."""
+    y = y.detach().cpu().long()
+    rows = []
+    for c in torch.unique(y).tolist():                                   # sorted ascending
+        m = y == c
+        n = int(m.sum())
+        rows.append({"class": int(c), "n": n, "clean_accuracy": int((clean_correct.cpu() & m).sum()) / n,
+                     "robust_accuracy": int((robust.cpu() & m).sum()) / n})
+    worst = min(rows, key=lambda r: (r["robust_accuracy"], r["class"])) if rows else None
+    return {"per_class": rows, "worst_class_robust_accuracy": worst["robust_accuracy"] if worst else 0.0,
+            "worst_class": worst["class"] if worst else None}
 
 
 class Columns:

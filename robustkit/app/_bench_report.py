@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkit._evaluation import per_class
 from robustkit.app._robustbench import STATUS, THREAT, write_model_infos
 from robustkit.config import BenchmarkConfig
 from robustkit.report import fmt, line_plot, md_table, write_markdown, write_results
@@ -31,9 +32,11 @@ def _indices(mask: torch.Tensor) -> list[int]:
 def make_entry(name: str, model: nn.Module, source: str | None, cfg: BenchmarkConfig, correct: torch.Tensor,
                broken: dict[str, torch.Tensor], subs: dict[str, list[str | None]], meta: dict[str, Any],
                certified: dict[str, Any], cert_flags: dict[str, torch.Tensor], curve: dict[str, list[float]] | None,
-               seconds: dict[str, float]) -> dict[str, Any]:
+               seconds: dict[str, float], labels: torch.Tensor | None = None) -> dict[str, Any]:
     """``correct`` and ``broken[attack]`` (verified) are ``(N,)`` bool; a point is robust if no attack
-    broke it."""
+    broke it. With ``labels (N,)``: ``worst_class_robust_acc`` (worst case over every attack, as
+    ``robust_acc``, in the class of lowest such accuracy; ties: lowest class id), ``worst_class`` and
+    ``per_class`` rows (``robustkit._evaluation.per_class``)."""
     any_broken = torch.stack(list(broken.values())).any(0)                     # (N,)
     e: dict[str, Any] = {"name": name, "architecture": getattr(model, "arch", type(model).__name__),
                          "dataset": cfg.dataset, "threat_model": THREAT[cfg.norm], "eps": cfg.eps_value,
@@ -43,6 +46,10 @@ def make_entry(name: str, model: nn.Module, source: str | None, cfg: BenchmarkCo
         aa = meta["autoattack"]
         e["autoattack"] = {k: aa.get(k) for k in ("package", "package_version", "version", "attacks")}
     e["robust_acc"] = acc(correct & ~any_broken)
+    if labels is not None:
+        pc = per_class(labels, correct, correct & ~any_broken)
+        e.update(worst_class_robust_acc=pc["worst_class_robust_accuracy"], worst_class=pc["worst_class"],
+                 per_class=pc["per_class"])
     e["attacks"] = {a: acc(correct & ~b) for a, b in broken.items()}
     e["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     e["certified"] = certified
@@ -154,6 +161,7 @@ def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> 
         row["AutoAttack"] = e["autoattack_acc"]
     row.update({a: e["attacks"][a] for a in attacks if a != "autoattack"})
     row["worst case"] = e["robust_acc"]
+    row["worst class"] = e.get("worst_class_robust_acc", "n/a")
     for c in certs:
         r = e["certified"].get(c, {})
         row[f"certified ({c})"] = r.get("certified_acc", "n/a")

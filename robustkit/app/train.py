@@ -47,6 +47,7 @@ from defenses.base import Defense
 from defenses.schedules import Schedule, make_schedule
 from defenses.trainer import Trainer, check_resume_world, make_optimizer
 from robustkit import errors
+from robustkit._evaluation import per_class
 from robustkit.app import shard
 from robustkit.app.build import build_attack
 from robustkit.config import TrainConfig, dump_yaml, to_dict
@@ -137,9 +138,13 @@ def build_schedule(cfg: TrainConfig) -> Schedule:
 
 
 def make_evaluator(cfg: TrainConfig, device: torch.device) -> Callable[[RobustModel], dict[str, float]]:
-    """Per-epoch clean and (with ``eval.attack``) attack accuracy on the first ``eval.n`` test images."""
+    """Per-epoch clean and (with ``eval.attack``) attack accuracy on the first ``eval.n`` test images,
+    plus the worst class's: ``worst_class_clean_accuracy`` always (free, from the clean pass) and
+    ``worst_class_robust_accuracy`` with an attack (the minimum over the classes present; see
+    ``robustkit._evaluation.per_class``)."""
     e = cfg.eval
     data = load_data(cfg.data.name, "test", cfg.data.root, cfg.data.download)
+    labels = data.labels[:e.n]                                                 # (n,) int64
     loader = TensorLoader(Data(data.info, data.images[:e.n], data.labels[:e.n]), cfg.data.eval_batch_size,
                           device=device)
     attack = None
@@ -147,9 +152,15 @@ def make_evaluator(cfg: TrainConfig, device: torch.device) -> Callable[[RobustMo
         attack = build_attack(e.attack, {"steps": e.steps}, norm=e.norm, eps=parse_eps(e.eps))
 
     def evaluate(model: RobustModel) -> dict[str, float]:
-        out = {"clean_accuracy": clean_accuracy(model, loader)["clean_accuracy"]}
+        clean = clean_accuracy(model, loader)
+        c = clean["correct"]                                                     # (n,) bool
+        out = {"clean_accuracy": clean["clean_accuracy"],
+               "worst_class_clean_accuracy": min((r["clean_accuracy"] for r in per_class(labels, c, c)["per_class"]),
+                                                 default=0.0)}
         if attack is not None:
-            out["robust_accuracy"] = robust_accuracy(model, loader, attack)["robust_accuracy"]
+            r = robust_accuracy(model, loader, attack)
+            out["robust_accuracy"] = r["robust_accuracy"]
+            out["worst_class_robust_accuracy"] = r["worst_class_robust_accuracy"]
         return out
 
     return evaluate
@@ -283,7 +294,8 @@ def write_training_report(run: RunDir, cfg: TrainConfig, history: list[dict[str,
                "final": last, "best": best, "eval": to_dict(cfg.eval), "config": to_dict(cfg)}
     write_results(run.path, results)
     cols = [c for c in ("epoch", "lr", "train_loss", "train_acc", "clean_accuracy", "robust_accuracy",
-                        "train_seconds") if any(c in r for r in history)]
+                        "worst_class_clean_accuracy", "worst_class_robust_accuracy", "train_seconds")
+            if any(c in r for r in history)]
     rows = [{**r, "epoch": r["epoch"] + 1} for r in history]
     e = cfg.eval
     attack_txt = f", {e.attack} {e.norm} eps={e.eps}, {e.steps} steps" if e.attack else ""
