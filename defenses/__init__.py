@@ -4,6 +4,7 @@ from defenses.adr import ADR
 from defenses.amp import AMP
 from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
+from defenses.dafa import DAFA
 from defenses.dr_reweight import DoublyRobust
 from defenses.fast_at import FastAT
 from defenses.ibp import IBPTraining
@@ -16,6 +17,6 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["ADR", "AMP", "ARoW", "DoublyRobust", "FastAT", "SCORE",
+__all__ = ["ADR", "AMP", "ARoW", "DAFA", "DoublyRobust", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]
