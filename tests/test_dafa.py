@@ -1,10 +1,15 @@
 """DAFA (defenses/dafa.py): the class weights against a hand-computed 3-class example, the warm-up
-statistics, the class-wise eps and loss weights, the state round trip, exact resume and the CLI."""
+statistics, the class-wise eps and loss weights, the state round trip, exact resume, the CLI and
+(run as a script under torchrun) identical weights on every DDP replica."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +175,49 @@ def test_cli_train_dafa(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(math.isfinite(r["train_loss"]) for r in recs)
     assert "dafa_weight_max" in recs[0] and "dafa_weight_max" not in recs[1]
+
+
+# -- DDP: run as a script under torchrun (2 CPU processes, gloo) --------------------------------------
+def _rank_stats(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-dependent warm-up statistics: logits (8 + 4 rank, 3), labels."""
+    g = torch.Generator().manual_seed(rank)
+    n = 8 + 4 * rank
+    return torch.randn(n, 3, generator=g) * 2, torch.randint(0, 3, (n,), generator=g)
+
+
+def _ddp_worker(out: str) -> None:
+    import torch.distributed as dist
+
+    from defenses.base import gather_objects
+
+    dist.init_process_group("gloo")
+    d = DAFA(**SMALL, warmup=1)
+    d.before_loss(None, None, None, _ctx(0))
+    d._record(*_rank_stats(dist.get_rank()))
+    d.end_epoch(None, _ctx(0))
+    weights = gather_objects(d.weights.tolist())
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(weights))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~20 s: torchrun start-up of 2 processes
+def test_ddp_weights_identical_on_every_rank(tmp_path):
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
+                          cwd=str(Path(__file__).parent.parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    w0, w1 = json.loads(out.read_text())
+    assert w0 == w1
+    pooled = DAFA(**SMALL, warmup=1)                        # one process seeing both ranks' batches
+    pooled.before_loss(None, None, None, _ctx(0))
+    for rank in (0, 1):
+        pooled._record(*_rank_stats(rank))
+    pooled.end_epoch(None, _ctx(0))
+    assert torch.allclose(torch.tensor(w0), pooled.weights, atol=1e-6)
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
