@@ -84,6 +84,7 @@ def test_accuracies_are_consistent(bench: tuple[dict[str, Any], Path]) -> None:
     res, _ = bench
     for e in res["models"]:
         assert 0.0 <= e["robust_acc"] <= e["clean_acc"] <= 1.0
+        assert 0.0 <= e["worst_class_robust_acc"] <= e["robust_acc"]          # worst class <= average
         for acc in e["attacks"].values():
             assert e["robust_acc"] <= acc + 1e-12 and acc <= e["clean_acc"]
         # worst case per point = clean-correct points no attack broke

@@ -180,7 +180,7 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     seconds.update({a: st.seconds for a, st in zip(cfg.attacks, ev.stats)})
     curve = eps_curve(model, x, y, correct, cfg, broken.get("pgd"), progress, name, seconds, parts)
     entry = rep.make_entry(name, model, source, cfg, correct, broken, subs, meta, certified, cert_flags, curve,
-                           seconds)
+                           seconds, labels=ev.y)
     if main:
         atomic_write_json(cache, {"key": key, "entry": entry})
     return entry
