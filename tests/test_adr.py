@@ -26,6 +26,7 @@ from robustkit.data import make_loader
 from robustkit.errors import CheckpointError, InputError
 from robustkit.runs import RunDir
 from robustkit.zoo import RobustModel, create
+from tests._interrupt import Interrupt, small_trainer
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 
@@ -158,54 +159,19 @@ def test_awp_perturbation_never_reaches_the_teacher(batch, lr):
     assert set(wp.state_dict()) == {"inner"} and set(wp.state_dict()["inner"]) == {"teacher"}
 
 
-class Interrupt(Defense):
-    """Wraps an objective; raises at a given global step (a simulated kill)."""
-
-    name = "interrupt"
-
-    def __init__(self, inner: Defense, at: int) -> None:
-        self.inner, self.at = inner, at
-
-    def before_loss(self, model, x, y, ctx):
-        if ctx.step == self.at:
-            raise KeyboardInterrupt
-        self.inner.before_loss(model, x, y, ctx)
-
-    def loss(self, model, x, y):
-        return self.inner.loss(model, x, y)
-
-    def after_step(self, model, ctx):
-        self.inner.after_step(model, ctx)
-
-    def state_dict(self):          # transparent: the checkpoint is the wrapped objective's
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-
-def _trainer(run, defense):
-    torch.manual_seed(0)
-    model = create("ibp-small", 10, (1, 28, 28))
-    loader = make_loader("mnist5k", "train", batch_size=50, n=200, seed=1)
-    opt = make_optimizer(model.parameters(), "sgd", 0.05, 0.9, 5e-4)
-    return model, Trainer(model, defense, loader, epochs=2, optimizer=opt, schedule=make_schedule("cosine"),
-                          run=run, best_by="train_acc", checkpoint_every=3, progress=False)
-
-
 def test_resume_is_exact_teacher_included(tmp_path):
     def adr() -> Defense:
         return AWP(ADR(**SMALL, ema_decay=0.8), gamma=0.01, warmup_epochs=0)
 
-    ref_model, ref = _trainer(RunDir(tmp_path / "ref").create("{}"), adr())
+    ref_model, ref = small_trainer(RunDir(tmp_path / "ref").create("{}"), adr(), 3)
     ref.fit()
     run = RunDir(tmp_path / "int").create("{}")
-    _, t = _trainer(run, Interrupt(adr(), at=7))   # epoch 2 of 2, mid-epoch; last checkpoint at step 6
+    _, t = small_trainer(run, Interrupt(adr(), at=7), 3)   # epoch 2 of 2, mid-epoch; last checkpoint at step 6
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert "teacher" in torch.load(run.ckpt / "last" / "state.pt", weights_only=True)["defense"]["inner"]
     torch.manual_seed(123)
-    model, t2 = _trainer(run, adr())
+    model, t2 = small_trainer(run, adr(), 3)
     t2.fit(resume=True)
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k

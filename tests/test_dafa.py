@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import defenses  # noqa: F401  (registers every objective)
-from defenses.base import Defense, StepContext
+from defenses.base import StepContext
 from defenses.dafa import DAFA, class_weights
-from defenses.schedules import make_schedule
-from defenses.trainer import Trainer, make_optimizer
 from robustkit.data import make_loader
 from robustkit.errors import CheckpointError, InputError
 from robustkit.registry import DEFENSES
 from robustkit.runs import RunDir
 from robustkit.zoo import create
+from tests._interrupt import Interrupt, small_trainer
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 S = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.4, 0.5]])
@@ -116,47 +115,17 @@ def test_state_round_trip_and_bad_input():
     assert DEFENSES.get("dafa") is DAFA and DAFA().warmup == 70 and DAFA().lamb == 1.0 and DAFA().beta == 6.0
 
 
-class Interrupt(Defense):
-    """Raises KeyboardInterrupt before step ``at`` (a killed run); the Trainer sees ``inner``'s hooks."""
-
-    def __init__(self, inner: Defense, at: int) -> None:
-        self.inner, self.at = inner, at
-
-    def before_loss(self, model, x, y, ctx):
-        if ctx.step == self.at:
-            raise KeyboardInterrupt
-        self.inner.before_loss(model, x, y, ctx)
-
-    def loss(self, model, x, y):
-        return self.inner.loss(model, x, y)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-
-def _trainer(run, defense):
-    torch.manual_seed(0)
-    model = create("ibp-small", 10, (1, 28, 28))
-    loader = make_loader("mnist5k", "train", batch_size=50, n=200, seed=1)
-    opt = make_optimizer(model.parameters(), "sgd", 0.05, 0.9, 5e-4)
-    return model, Trainer(model, defense, loader, epochs=2, optimizer=opt, schedule=make_schedule("cosine"),
-                          run=run, best_by="train_acc", checkpoint_every=2, progress=False)
-
-
 def test_resume_is_exact_mid_warmup(tmp_path):
-    ref_model, ref = _trainer(RunDir(tmp_path / "ref").create("{}"), DAFA(**SMALL, warmup=1))
+    ref_model, ref = small_trainer(RunDir(tmp_path / "ref").create("{}"), DAFA(**SMALL, warmup=1), 2)
     ref.fit()
     assert ref.defense.weights is not None and not torch.allclose(ref.defense.weights, torch.ones(10))
     run = RunDir(tmp_path / "int").create("{}")
-    _, t = _trainer(run, Interrupt(DAFA(**SMALL, warmup=1), at=3))        # mid warm-up epoch
+    _, t = small_trainer(run, Interrupt(DAFA(**SMALL, warmup=1), at=3), 2)        # mid warm-up epoch
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert "sums" in torch.load(run.ckpt / "last" / "state.pt", weights_only=True)["defense"]
     torch.manual_seed(123)
-    model, t2 = _trainer(run, DAFA(**SMALL, warmup=1))
+    model, t2 = small_trainer(run, DAFA(**SMALL, warmup=1), 2)
     t2.fit(resume=True)
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k

@@ -25,14 +25,6 @@ from robustkit.runs import RunDir
 from robustkit.zoo import RobustModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed: int = 0) -> RobustModel:
     """conv(1->4, 3x3, stride 2) + ReLU + linear: (B, 1, 28, 28) -> (B, 10)."""
     torch.manual_seed(seed)

@@ -26,14 +26,6 @@ NAMES = ["arow", "score", "doubly-robust"]
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return next(iter(make_loader("mnist5k", "train", batch_size=16, shuffle=False)))
