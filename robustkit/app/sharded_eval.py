@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from robustkit._evaluation import MODES, Evaluation
-from robustkit.app.shard import UnitStore, all_gather, map_units
+from robustkit.app.shard import UnitStore, all_gather, map_units, prepare, union
 from robustkit.errors import CheckpointError, InputError
 from robustkit.evaluate import attack_labels, attack_list, evaluate_attacks
 from robustkit.threat import ThreatModel
@@ -67,16 +67,15 @@ def resume_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any,
             "threat": None if threat is None else [threat.norm, float(threat.eps)]}
 
 
-def store_matches(store: UnitStore) -> bool:
-    """Whether every rank's progress files in ``store`` were written under ``store.key`` and are
-    readable (a collective: every rank calls it). For callers that resume when they can and
-    start afresh otherwise (the benchmark)."""
+def auto_resume(store: UnitStore) -> dict[int, dict[str, Any]]:
+    """The batches to keep when resuming "when we can": every rank's progress files if all of them
+    were written under ``store.key`` and are readable, else none (rank 0 clears the store). Reads
+    each file once. A collective: every rank calls it (the benchmark's resume)."""
     try:
-        store.done()
-        ok = True
+        mine, ok = store.done(), True
     except (InputError, CheckpointError):
-        ok = False
-    return all(all_gather(ok))
+        mine, ok = {}, False
+    return union(mine) if all(all_gather(ok)) else prepare(store, False)
 
 
 def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Any, *, batch_size: int,
@@ -104,12 +103,12 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
         raise InputError(f"need images (N, C, H, W) and labels (N,) with N >= 1, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
     t0 = time.perf_counter()
-    store, keep_done = None, False
+    store, done = None, None
     if store_dir is not None:
         full = {**resume_key(model, x, y, atks, batch_size=batch_size, mode=mode, threat=threat, seed=seed, amp=amp,
                              keep_adversarials=keep_adversarials), **(key or {})}
         store = UnitStore(Path(store_dir), full)
-        keep_done = store_matches(store) if resume == "auto" else bool(resume)
+        done = auto_resume(store) if resume == "auto" else None         # None: map_units prepares
     units = math.ceil(n / batch_size)
 
     def compute(k: int) -> dict[str, Any]:
@@ -118,7 +117,7 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks
                               seed=seed, keep_adversarials=keep_adversarials, progress=False, start=s.start)
         return ev.to_record()
 
-    records = map_units(units, compute, store=store, resume=keep_done, progress=progress, desc=desc,
+    records = map_units(units, compute, store=store, resume=bool(resume), done=done, progress=progress, desc=desc,
                         weight=lambda k: min((k + 1) * batch_size, n) - k * batch_size)
     ev = Evaluation.concat([Evaluation.from_record(r) for r in records])
     ev.seconds = time.perf_counter() - t0
