@@ -71,3 +71,19 @@ def kill_one_rank_when(argv: Sequence[str], ready: Callable[[], bool], nproc: in
     if not killed:
         raise AssertionError(f"the run ended before a rank could be killed:\n{out[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def kill_then_resume(argv: Sequence[str], out: Path, parts: Path, units: int, after: int = 3) -> None:
+    """The kill-one-rank check shared by the sharded commands: run ``robustkit ARGV --out OUT`` on 2
+    processes, SIGKILL a rank once ``after`` progress files exist under ``parts``, then rerun with
+    ``--resume``; asserts the killed run wrote no results, the resumed one succeeded, every unit
+    saved before the kill is untouched (not recomputed) and all ``units`` exist at the end."""
+    run = kill_one_rank_when([*argv, "--out", str(out)], lambda: len(list(parts.glob("unit-*.json"))) >= after)
+    assert run.returncode != 0 and not (out / "results.json").exists()
+    before = {f.name: f.read_text() for f in parts.glob("unit-*.json")}
+    assert after <= len(before) < units
+    r = robustkit([*argv, "--out", str(out), "--resume"], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for name, text in before.items():                                   # saved units were not recomputed
+        assert (parts / name).read_text() == text
+    assert len(list(parts.glob("unit-*.json"))) == units

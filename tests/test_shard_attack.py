@@ -22,7 +22,7 @@ from robustkit.cli import main
 from robustkit.errors import InputError
 from robustkit.evaluate import evaluate_attacks, targets
 from robustkit.zoo import save
-from tests._torchrun import kill_one_rank_when, robustkit
+from tests._torchrun import kill_then_resume, robustkit
 
 PER_IMAGE = ("clean_correct", "pred_clean", "y", "attacked", "broken", "unverified", "broken_by", "l2", "linf",
              "queries", "queries_to_success")
@@ -156,15 +156,7 @@ def test_attack_kill_one_rank_then_resume(model_dir: str, tmp_path: Path) -> Non
     args = ("attack", "--model", model_dir, "--device", "cpu", "--attack", "pgd", "--eps", "0.1", "--steps", "40",
             "--restarts", "2", "--n", "64", "--batch-size", "4")
     parts = out / "parts" / "eps-0"
-    run = kill_one_rank_when([*args, "--out", str(out)], lambda: len(list(parts.glob("unit-*.json"))) >= 3)
-    assert run.returncode != 0 and not (out / "results.json").exists()
-    before = {f.name: f.read_text() for f in parts.glob("unit-*.json")}
-    assert 3 <= len(before) < 16
-    r = robustkit([*args, "--out", str(out), "--resume"], nproc=2)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    for name, text in before.items():                                   # saved batches were not recomputed
-        assert (parts / name).read_text() == text
-    assert len(list(parts.glob("unit-*.json"))) == 16
+    kill_then_resume(args, out, parts, units=16)
     assert main([*args, "--out", str(ref)]) == 0
     assert _results(out) == _results(ref)
 

@@ -12,7 +12,7 @@ import torch
 from robustkit.app import shard
 from robustkit.errors import CheckpointError, InputError
 from robustkit.zoo import save
-from tests._torchrun import kill_one_rank_when, robustkit
+from tests._torchrun import kill_then_resume, robustkit
 
 SMOOTH = ("--n0", "10", "--n", "200", "--batch-size", "400", "--sigma", "0.25", "--alpha", "0.01")
 
@@ -100,15 +100,7 @@ def test_kill_one_rank_then_resume_computes_only_the_rest(model_dir, tmp_path):
     args = ("certify", "--model", model_dir, "--device", "cpu", "--n0", "10", "--n", "3000", "--batch-size", "1000",
             "--sigma", "0.25", "--n-images", "16", "--chunk", "1")
     parts = out / "parts"
-    run = kill_one_rank_when([*args, "--out", str(out)], lambda: len(list(parts.glob("unit-*.json"))) >= 3)
-    assert run.returncode != 0 and not (out / "results.json").exists()
-    before = {f.name: f.read_text() for f in parts.glob("unit-*.json")}
-    assert 3 <= len(before) < 16
-    r = robustkit([*args, "--out", str(out), "--resume"], nproc=2)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    for name, text in before.items():                                   # done units were not recomputed
-        assert (parts / name).read_text() == text
-    assert len(list(parts.glob("unit-*.json"))) == 16
+    kill_then_resume(args, out, parts, units=16)
     assert robustkit([*args, "--out", str(ref)]).returncode == 0
     assert _per_image(out) == _per_image(ref)
 
