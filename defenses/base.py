@@ -61,6 +61,20 @@ class Defense:
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook after each optimizer step (default: nothing)."""
 
+    def end_epoch(self, model: nn.Module, ctx: StepContext) -> dict[str, Any]:
+        """Hook after each epoch's last step, before the evaluation, on every rank: metrics to log
+        (fast AT's catastrophic-overfitting check, DAFA's class weights). Default: a wrapper's
+        (AWP, RWP, ...) inner objective's hook, else nothing."""
+        inner = getattr(self, "inner", None)
+        return inner.end_epoch(model, ctx) if isinstance(inner, Defense) else {}
+
+    @property
+    def stop_training(self) -> bool:
+        """True asks the Trainer to stop after this epoch (must be identical on every rank). Default:
+        a wrapper's inner objective's request, else False."""
+        inner = getattr(self, "inner", None)
+        return isinstance(inner, Defense) and bool(inner.stop_training)
+
     def state_dict(self) -> dict[str, Any]:
         """Training state beyond the weights (e.g. ADR's EMA teacher), saved in every trainer
         checkpoint and restored on resume: tensors, numbers and strings only (the checkpoint is read

@@ -250,24 +250,18 @@ class Trainer:
         self.defense.after_step(self.model, ctx)
         return logs
 
-    def _objectives(self) -> list[Any]:
-        """The defense and, for a wrapper (AWP / RWP), its inner objective."""
-        return [d for d in (self.defense, getattr(self.defense, "inner", None)) if d is not None]
-
     def _end_epoch(self) -> dict[str, Any]:
-        """Each objective's optional ``end_epoch(model, ctx) -> metrics`` hook, on every rank after the
-        epoch's last step and before the evaluation (fast AT's catastrophic-overfitting check, which may
-        put back earlier weights and set ``stop_training``)."""
+        """The defense's ``end_epoch(model, ctx) -> metrics`` hook (``Defense.end_epoch``; a wrapper
+        forwards to its inner objective), on every rank after the epoch's last step and before the
+        evaluation (fast AT's catastrophic-overfitting check may put back earlier weights and ask to
+        stop: ``stop_training``)."""
         ctx = StepContext(self.epoch, self.epochs, self.step, self.steps_per_epoch, self.optimizer)
-        out: dict[str, Any] = {}
-        for d in self._objectives():
-            if callable(getattr(d, "end_epoch", None)):
-                out.update(d.end_epoch(self.model, ctx))
-        return out
+        hook = getattr(self.defense, "end_epoch", None)
+        return dict(hook(self.model, ctx)) if callable(hook) else {}
 
     def _stop_requested(self) -> bool:
-        """An objective asks to end training early (``stop_training``: identical on every rank)."""
-        return any(bool(getattr(d, "stop_training", False)) for d in self._objectives())
+        """The defense asks to end training early (``stop_training``: identical on every rank)."""
+        return bool(getattr(self.defense, "stop_training", False))
 
     def _evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
