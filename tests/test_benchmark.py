@@ -15,6 +15,7 @@ from robustkit.app import _bench_attacks
 from robustkit.app import _bench_report as rep
 from robustkit.cli import main
 from robustkit.zoo import create, save
+from tests._optional import has_autoattack
 
 CHEAP = {"pgd": {"steps": 10, "restarts": 1},
          "autoattack": {"attacks": ["apgd-ce"], "overrides": {"apgd.n_iter": 10, "apgd.n_restarts": 1}},
@@ -23,17 +24,7 @@ CHEAP = {"pgd": {"steps": 10, "restarts": 1},
 SMOOTH = {"n0": 10, "n": 100, "n_images": 8}
 
 
-def _has_autoattack() -> bool:
-    try:
-        from attacks.autoattack import find_package
-
-        find_package()
-        return True
-    except ImportError:
-        return False
-
-
-ATTACKS = ["autoattack", "pgd", "deepfool"] if _has_autoattack() else ["pgd", "deepfool"]
+ATTACKS = ["autoattack", "pgd", "deepfool"] if has_autoattack() else ["pgd", "deepfool"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +90,7 @@ def test_accuracies_are_consistent(bench: tuple[dict[str, Any], Path]) -> None:
     assert accs == sorted(accs, reverse=True)
 
 
-@pytest.mark.skipif(not _has_autoattack(), reason="AutoAttack package not installed")
+@pytest.mark.skipif(not has_autoattack(), reason="AutoAttack package not installed")
 def test_autoattack_recorded(bench: tuple[dict[str, Any], Path]) -> None:
     res, _ = bench
     for e in res["models"]:

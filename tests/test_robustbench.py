@@ -16,6 +16,7 @@ from robustkit.app import _robustbench as rb
 from robustkit.cli import main
 from robustkit.errors import InputError
 from robustkit.zoo import save
+from tests._optional import has_autoattack
 
 # Two files as RobustBench has them (model_info/cifar10/Linf/, upstream repository, March 2025).
 CARMON = {"link": "https://arxiv.org/abs/1905.13736", "name": "Unlabeled Data Improves Adversarial Robustness",
@@ -108,20 +109,10 @@ def test_unknown_test_set_size_is_not_standard() -> None:
 def bench(tmp_path_factory: pytest.TempPathFactory, tiny_mnist_model: Any) -> tuple[dict[str, Any], Path, Path]:
     root = tmp_path_factory.mktemp("rb")
     model_dir = save(tiny_mnist_model, root / "tiny")
-    attacks = ["autoattack", "pgd"] if _has_autoattack() else ["pgd"]
+    attacks = ["autoattack", "pgd"] if has_autoattack() else ["pgd"]
     res = bm.run_benchmark([model_dir], root / "out", n=N, eps="0.1", attacks=attacks, eps_grid=[],
                            attack_params={"pgd": {"steps": 3, "restarts": 1}, "autoattack": AA_CHEAP}, progress=False)
     return res, root / "out", model_dir
-
-
-def _has_autoattack() -> bool:
-    try:
-        from attacks.autoattack import find_package
-
-        find_package()
-        return True
-    except ImportError:
-        return False
 
 
 def test_benchmark_writes_model_info(bench: tuple[dict[str, Any], Path, Path]) -> None:
@@ -264,7 +255,7 @@ def test_cli_leaderboard_with_reported_files(bench: tuple[dict[str, Any], Path, 
     def no_loading(*a: Any, **k: Any) -> None:
         raise AssertionError("a benchmark of reported files only loaded data or a model")
 
-    if not _has_autoattack():          # our file then has no AutoAttack number to rank by
+    if not has_autoattack():          # our file then has no AutoAttack number to rank by
         return
     monkeypatch.setattr(bm, "load_data", no_loading)
     monkeypatch.setattr(bm, "load_models", no_loading)
