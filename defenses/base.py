@@ -68,6 +68,23 @@ class Defense:
         inner = getattr(self, "inner", None)
         return inner.end_epoch(model, ctx) if isinstance(inner, Defense) else {}
 
+    def check_run(self, epochs: int) -> None:
+        """Called with the run's total ``epochs`` before training starts (by the Trainer, and by the
+        train pipeline before anything is written): ``InputError`` when the objective cannot do
+        what it was configured for in that many epochs (DAFA's warm-up). Default: a wrapper's inner
+        objective's check, else nothing."""
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Defense):
+            inner.check_run(epochs)
+
+    def exported_models(self) -> dict[str, nn.Module]:
+        """Extra models a user may want to evaluate, by suffix (ADR's EMA teacher: ``{"ema": teacher}``):
+        the Trainer saves each beside every checkpoint it writes (``checkpoints/last-ema`` beside
+        ``last``), loadable with ``robustkit.zoo.load``. They must be identical on every DDP rank
+        (rank 0 writes them). Default: a wrapper's inner objective's, else none."""
+        inner = getattr(self, "inner", None)
+        return inner.exported_models() if isinstance(inner, Defense) else {}
+
     @property
     def stop_training(self) -> bool:
         """True asks the Trainer to stop after this epoch (must be identical on every rank). Default:

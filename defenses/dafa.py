@@ -65,6 +65,18 @@ class DAFA(AdversarialObjective):
     ball for that class (the code would invert its ball); the CE weight keeps its sign, as in the code. PGD starts
     at ``x + 0.001 * randn``.
 
+    The statistics are taken once per batch, from the first ``objective`` call after ``before_loss``:
+    the Trainer's loss, or, under a weight-perturbation wrapper (AWP, RWP, SAM, AMP), the wrapper's
+    first proxy evaluation, which runs at the unperturbed weights on the same ``x'``. So DAFA with
+    or without AWP records the same statistics on the same batches (the wrapper's later calls, at
+    perturbed weights, and the Trainer's loss there are not counted: before this was fixed, AWP
+    counted every image twice, RWP ``iterations + 1`` times, most of them at perturbed weights).
+
+    A run must outlast the warm-up: ``check_run`` (called by the Trainer and the train pipeline
+    before anything is written) raises ``InputError`` when ``warmup >= epochs``, since the weights
+    would never be used and the run would silently be plain TRADES / PGD-AT. (The CIFAR preset's
+    warm-up is 70 of 110 epochs; a shorter run needs ``warmup`` set, e.g. the same 70/110 fraction.)
+
     DDP: the per-class sums and counts are averaged over the ranks (``average_across_replicas``)
     before the weights are computed, so every replica holds the same weights. The weights and the
     running sums are training state (``state_dict``), saved in checkpoints.
@@ -91,7 +103,8 @@ class DAFA(AdversarialObjective):
         self._weights: torch.Tensor | None = None      # (K,) once computed
         self._sums: torch.Tensor | None = None         # (K, K) float64: summed softmax per true class
         self._counts: torch.Tensor | None = None       # (K,) float64
-        self._collect = False
+        self._collect = False      # this epoch is the warm-up one
+        self._pending = False      # this batch's statistics are still to be taken (one objective call)
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -129,7 +142,9 @@ class DAFA(AdversarialObjective):
                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, Any]]:
         w = self._sample_weights(y)
         logits_adv = model(x_adv)                                   # (B, K)
-        self._record(logits_adv, y)
+        if self._pending:  # once per batch: the first call (unperturbed weights, see the class docstring)
+            self._pending = False
+            self._record(logits_adv, y)
         if self.base == "pgd":
             ce = self.ce(logits_adv, x, y)                          # (B,)
             loss = reduce(ce if w is None else w * ce, reduction)
@@ -155,10 +170,21 @@ class DAFA(AdversarialObjective):
 
     def before_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
         self._collect = self._weights is None and ctx.epoch + 1 == self.warmup
+        self._pending = self._collect
+
+    def check_run(self, epochs: int) -> None:
+        """``InputError`` unless the warm-up ends before the run's last epoch (``warmup < epochs``)."""
+        if self.warmup < epochs:
+            return
+        hint = (f"set defense.params.warmup below {epochs}, e.g. {max(1, round(epochs * 70 / 110))} "
+                "(the paper's 70 of 110 epochs)" if epochs > 1 else "DAFA needs at least 2 epochs")
+        raise InputError(f"dafa: warmup {self.warmup} needs a run longer than its {epochs} epoch(s): the class "
+                         f"weights are computed after epoch {self.warmup} and used from the next one, so this "
+                         f"run would be plain {self.base} throughout; {hint}")
 
     def end_epoch(self, model: nn.Module, ctx: StepContext) -> dict[str, Any]:
         """After epoch ``warmup``: the class weights from the epoch's statistics (every rank)."""
-        self._collect = False
+        self._collect = self._pending = False
         if self._weights is not None or ctx.epoch + 1 != self.warmup or self._sums is None:
             return {}
         assert self._counts is not None

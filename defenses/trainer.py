@@ -90,6 +90,9 @@ class Trainer:
         integer("checkpoint_every", checkpoint_every, minimum=0)
         if grad_clip is not None:
             positive("grad_clip", grad_clip)
+        check = getattr(defense, "check_run", None)
+        if callable(check):
+            check(epochs)  # e.g. DAFA's warm-up must end before the last epoch
         self.model, self.defense, self.loader, self.epochs = model, defense, loader, epochs
         self.optimizer, self.amp, self.grad_clip = optimizer, amp, grad_clip
         self.evaluator, self.run, self.best_by = evaluator, run, best_by
@@ -156,12 +159,17 @@ class Trainer:
         self.defense.load_state_dict(s.get("defense") or {})
 
     def _checkpoint(self, name: str = "last") -> None:
-        """Write checkpoint ``name`` (main process only). A collective under DDP: every rank calls it."""
+        """Write checkpoint ``name`` (main process only), and beside it ``name-SUFFIX`` for each of the
+        defense's ``exported_models()`` (e.g. ADR's EMA teacher as ``last-ema``: weights only, the
+        resumable copy is in ``state.pt``). A collective under DDP: every rank calls it."""
         if self.run is None:
             return
         state = self.state() if name == "last" else None
         if self.is_main:
             self.run.save_checkpoint(name, unwrap(self.model), state)
+            hook = getattr(self.defense, "exported_models", None)
+            for suffix, extra in (hook() if callable(hook) else {}).items():
+                self.run.save_checkpoint(f"{name}-{suffix}", unwrap(extra))
 
     # -- the loop ------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:

@@ -146,6 +146,49 @@ def test_cli_train_dafa(tmp_path):
     assert "dafa_weight_max" in recs[0] and "dafa_weight_max" not in recs[1]
 
 
+def test_short_run_is_an_input_error(tmp_path):
+    """A run that ends before the warm-up does would silently be plain TRADES: refused up front."""
+    for warmup in (2, 70):
+        with pytest.raises(InputError, match="warmup"):
+            small_trainer(None, DAFA(**SMALL, warmup=warmup), 0)               # 2 epochs
+    with pytest.raises(InputError, match="warmup 2"):
+        small_trainer(None, DEFENSES.get("awp")(DAFA(**SMALL, warmup=2)), 0)   # a wrapper forwards the check
+    small_trainer(None, DAFA(**SMALL, warmup=1), 0)                            # warm-up 1 of 2 epochs: fine
+    from robustkit.cli import main
+
+    out = tmp_path / "r"
+    rc = main(["train", "--arch", "ibp-small", "--dataset", "mnist5k", "--defense", "dafa", "--epochs", "2",
+               "--set", "data.n_train=100", "--set", "defense.params.preset=mnist", "--device", "cpu",
+               "--out", str(out)])                                              # the mnist preset: warmup 2
+    assert rc == 2 and not out.exists()                                          # nothing written
+
+
+@pytest.mark.parametrize("wp", ["awp", "rwp", "sam", "amp"])
+def test_weight_perturbation_records_the_statistics_once(batch, wp):
+    """DAFA under a weight perturbation records what DAFA alone records on the same batches: each
+    image once, at the unperturbed weights (AWP used to count each image twice, RWP 3 times here)."""
+    x, y = batch
+    kw = {"awp": {"gamma": 0.05, "warmup_epochs": 0}, "rwp": {"gamma": 0.05, "warmup_epochs": 0, "c_min": 100.0,
+                                                             "iterations": 2},
+          "sam": {"rho": 0.5}, "amp": {"epsilon": 0.5, "inner_steps": 2}}[wp]
+    torch.manual_seed(0)
+    model = create("ibp-small", 10, (1, 28, 28)).train()
+    plain, inner = DAFA(**SMALL, warmup=1), DAFA(**SMALL, warmup=1)
+    wrapped = DEFENSES.get(wp)(inner, **kw)
+    for b in range(2):                                                          # two batches, same weights
+        xb, yb = x[8 * b:8 * b + 8], y[8 * b:8 * b + 8]
+        for d in (plain, wrapped):
+            torch.manual_seed(b)
+            d.before_loss(model, xb, yb, _ctx(0))
+            loss, logs = d.loss(model, xb, yb)
+            d.after_step(model, _ctx(0))
+        assert logs["wp_active"] == 1.0                                         # the perturbation was on
+    assert float(inner._counts.sum()) == 16.0 and torch.equal(inner._counts, plain._counts)
+    assert torch.allclose(inner._sums, plain._sums, rtol=0, atol=1e-12)
+    assert wrapped.end_epoch(model, _ctx(0)) == plain.end_epoch(model, _ctx(0))  # forwarded to DAFA
+    assert torch.equal(inner.weights, plain.weights)
+
+
 # -- DDP: run as a script under torchrun (2 CPU processes, gloo) --------------------------------------
 def _rank_stats(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-dependent warm-up statistics: logits (8 + 4 rank, 3), labels."""

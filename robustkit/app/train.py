@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, out: str | Path, device: torch.device, resume: bool 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, device)
         defense = build_defense(cfg)
+        defense.check_run(cfg.epochs)  # e.g. DAFA's warm-up must end before the last epoch
         loader = make_loader(cfg.data.name, "train", batch_size=cfg.data.batch_size, n=cfg.data.n_train,
                              seed=cfg.seed, augment=cfg.data.augment, data_root=cfg.data.root,
                              download=cfg.data.download, rank=world.rank, world_size=world.size, device=device)
