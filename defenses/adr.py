@@ -45,6 +45,12 @@ Resume: the teacher is training state: ``state_dict()`` holds it, the trainer sa
 checkpoint and restores it on ``resume``, so a resumed run ends as an uninterrupted one. (The
 official script saves the EMA model but does not restore it on ``--restore_ckpt``.)
 
+The WA model: the paper's reported numbers are the EMA teacher's ("+WA", the code evaluates the EMA
+model). ``exported_models()`` hands the teacher to the Trainer, which saves it beside every
+checkpoint as ``checkpoints/last-ema`` (and ``best-ema``: the teacher at the epoch that made
+``best``), a plain model directory for ``robustkit.zoo.load`` / ``robustkit eval --model``. These
+are weights only: resume reads the teacher from ``last/state.pt`` as before.
+
 Presets (the official CIFAR-10 ResNet-18 configs): PGD-AT ``resnet18_pgd_sgd_adr.gin``: eps 8/255,
 10 steps of 2/255, decay 0.995, tau 2.5 -> 2.0, lam 0.7 -> 0.95; TRADES
 ``resnet18_trades_sgd_adr.gin``: the same plus beta 6. With AWP the code uses tau 2.5 -> 1.5 and
@@ -226,6 +232,10 @@ class ADR(Defense):
                 e.lerp_(m.to(e.dtype), 1.0 - self.ema_decay)
             else:
                 e.copy_(m)
+
+    def exported_models(self) -> dict[str, nn.Module]:
+        """``{"ema": teacher}`` once the teacher exists (the Trainer saves it as ``<checkpoint>-ema``)."""
+        return {"ema": self.teacher} if self.teacher is not None else {}
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from defenses.weight_perturbation import AWP
 from robustkit.data import make_loader
 from robustkit.errors import CheckpointError, InputError
 from robustkit.runs import RunDir
-from robustkit.zoo import RobustModel, create
+from robustkit.zoo import RobustModel, create, load
 from tests._interrupt import Interrupt, small_trainer
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
@@ -178,6 +178,36 @@ def test_resume_is_exact_teacher_included(tmp_path):
     ta, tb = ref.defense.inner.teacher.state_dict(), t2.defense.inner.teacher.state_dict()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not all(torch.equal(ta[k], v) for k, v in ref_model.state_dict().items())   # a real EMA
+    ea, eb = (load(r.ckpt / "last-ema").state_dict() for r in (ref.run, run))          # the exported WA model
+    assert all(torch.equal(ea[k], eb[k]) and torch.equal(ea[k], ta[k]) for k in ta)
+
+
+def test_ema_checkpoint_is_the_teacher_and_evaluates(tmp_path, capsys):
+    """The WA model: ``checkpoints/last-ema`` (and ``best-ema``) hold the teacher's weights, load with
+    ``zoo.load`` and evaluate with ``robustkit eval --model``; an objective without extra models
+    writes none."""
+    from robustkit.cli import main
+
+    run = RunDir(tmp_path / "r").create("{}")
+    model, t = small_trainer(run, AWP(ADR(**SMALL, ema_decay=0.8), gamma=0.01, warmup_epochs=0), 0)
+    t.fit()
+    teacher = t.defense.inner.teacher.state_dict()
+    ema = load(run.ckpt / "last-ema")
+    assert set(ema.state_dict()) == set(teacher)
+    assert all(torch.equal(v, teacher[k]) for k, v in ema.state_dict().items())
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in ema.state_dict().items())   # not the student
+    assert (run.ckpt / "best-ema" / "model.safetensors").is_file()
+    assert not (run.ckpt / "last-ema" / "state.pt").exists()                   # weights only: resume uses last
+    with torch.no_grad():
+        x = torch.rand(4, 1, 28, 28)
+        assert torch.equal(ema(x), t.defense.inner.teacher(x))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run.ckpt / "last-ema"), "--dataset", "mnist5k", "--n", "50",
+                 "--device", "cpu"]) == 0
+    assert "clean accuracy" in capsys.readouterr().out
+    plain = RunDir(tmp_path / "p").create("{}")
+    small_trainer(plain, Standard(), 0)[1].fit()
+    assert sorted(p.name for p in plain.ckpt.iterdir()) == ["best", "last"]
 
 
 def test_deterministic_under_a_seed(batch):
