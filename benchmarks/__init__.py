@@ -7,4 +7,4 @@ never to the benchmark files of the same names. Results are JSON files under
 ``benchmarks/results/`` (git-ignored); trained models are cached in ``benchmarks/results/cache/``.
 """
 
-MODULES = ("attacks", "bo_attack", "certify", "defenses", "fast_vs_autoattack", "ibp", "sharding", "training")
+MODULES = ("attacks", "bo_attack", "certify", "defense_table", "defenses", "fast_vs_autoattack", "ibp", "sharding", "training")
