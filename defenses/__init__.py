@@ -6,6 +6,7 @@ from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
 from defenses.dafa import DAFA
 from defenses.dr_reweight import DoublyRobust
+from defenses.emma import EMMA
 from defenses.fast_at import FastAT
 from defenses.ibp import IBPTraining
 from defenses.mart import MART
@@ -17,6 +18,6 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["ADR", "AMP", "ARoW", "DAFA", "DoublyRobust", "FastAT", "SCORE",
+__all__ = ["ADR", "AMP", "ARoW", "DAFA", "DoublyRobust", "EMMA", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]

@@ -215,3 +215,7 @@ def parse_resize(value: object, name: str = "resize") -> tuple[int, int]:
         raise bad
     h, w = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
     return int(h), int(w)  # type: ignore[call-overload]
+
+
+# -- Lipschitz-by-construction nets (sll-small, liresnet-small): registered on import -------------
+import robustkit._lipschitz_nets  # noqa: E402,F401

@@ -143,7 +143,7 @@ SMALL_ADV = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 DEFENSE_CONFIGS: dict[str, dict[str, Any]] = {
     "standard": {}, "noise": {"sigma": 0.25}, "ibp": {"eps": 0.1},
     "pgd-at": SMALL_ADV, "trades": SMALL_ADV, "mart": SMALL_ADV, "fast-at": {"preset": "mnist"},
-    "adr": SMALL_ADV, "dafa": SMALL_ADV,
+    "adr": SMALL_ADV, "dafa": SMALL_ADV, "emma": {"preset": "mnist"},
     "arow": SMALL_ADV, "score": SMALL_ADV, "doubly-robust": SMALL_ADV,
     "awp": {"gamma": 0.01, "warmup_epochs": 0},
     "rwp": {"gamma": 0.01, "warmup_epochs": 0, "c_min": 100.0, "iterations": 2},   # c_min: every sample
