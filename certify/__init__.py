@@ -1,7 +1,8 @@
 """robustkit certifiers. Importing this package registers them in ``CERTIFIERS``
-(``smoothing``, ``ibp``, ``crown-ibp``), each following the ``Certifier`` protocol of ``certify.base``."""
+(``smoothing``, ``ibp``, ``crown-ibp``, ...), each following the ``Certifier`` protocol of ``certify.base``."""
 
 from certify.base import Certificate, Certifier, image_seeds
+from certify.dual_smoothing import DualSmoothingCertifier
 from certify.ibp import (
     CrownIBPCertifier,
     IBPCertifier,
@@ -16,3 +17,4 @@ from certify.stats import CheckpointCS, binom_test, clopper_pearson_lower, clopp
 __all__ = ["Certificate", "Certifier", "CheckpointCS", "CrownIBPCertifier", "IBPCertifier", "Smooth",
            "SmoothingCertifier", "UnsupportedLayerError", "binom_test", "certified_radius", "clopper_pearson_lower",
            "clopper_pearson_upper", "image_seeds", "interval_bounds", "margin_bounds"]
+__all__ += ["DualSmoothingCertifier"]

@@ -194,7 +194,7 @@ class CertifyConfig:
     """
 
     model: str | None = None               # run directory or model directory (required; --model)
-    method: str = "smoothing"              # smoothing | ibp | crown-ibp
+    method: str = "smoothing"              # smoothing | dual-smoothing | ibp | crown-ibp
     dataset: str = "mnist5k"
     data_root: str | None = None
     download: bool = False

@@ -20,7 +20,7 @@ from robustkit.app.certify import Points, certify_points
 from robustkit.app.quickstart import Settings, certify_stage
 from robustkit.data import load_data
 from robustkit.registry import CERTIFIERS
-from robustkit.zoo import RobustModel, save
+from robustkit.zoo import RobustModel, create, save
 
 SIGMA, N0, N, ALPHA, EPS = 0.25, 20, 300, 0.01, 0.002   # the tiny model certifies L-inf radii ~0.003
 N_SMOOTH, N_IBP = 6, 24
@@ -133,6 +133,7 @@ def test_image_seeds_depend_on_seed_and_index_only() -> None:
 
 # -- the Certifier contract, over every registered certifier ------------------------------------
 CHEAP = {"smoothing": {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.01, "batch_size": 128},
+         "dual-smoothing": {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.01, "batch_size": 128},
          "ibp": {"eps": 0.02, "tol": 1e-2}, "crown-ibp": {"eps": 0.02, "tol": 1e-2}}
 
 
@@ -147,7 +148,8 @@ def test_certifier_contract(name: str, tiny_mnist_model: RobustModel,
         CERTIFIERS.get(name)(0.25)
     x = mnist_test_batch[0][:6].clone()
     x0, seeds = x.clone(), image_seeds(0, range(6))
-    model = tiny_mnist_model.train()
+    torch.manual_seed(0)                                     # dual-smoothing certifies a dual-subimage composite
+    model = (create("dual-subimage", 10, (1, 28, 28)) if name == "dual-smoothing" else tiny_mnist_model).train()
     try:
         cert = certifier(model, x, seeds=seeds)
         assert model.training and all(m.training for m in model.modules())   # the mode is restored

@@ -91,7 +91,7 @@ def build_certifier(cfg: CertifyConfig) -> Certifier:
     import certify  # noqa: F401  (registers the certifiers)
 
     cls = CERTIFIERS.get(cfg.method)
-    if cfg.method == "smoothing":
+    if cfg.method in ("smoothing", "dual-smoothing"):       # dual-smoothing: the same settings, per sub-image
         sm = cfg.smoothing
         return cls(sigma=sm.sigma, n0=sm.n0, n=sm.n, alpha=sm.alpha, batch_size=cfg.batch_size,
                    sequential=sm.sequential, tol=sm.tol, amp=cfg.amp)
@@ -239,6 +239,8 @@ def run_certify(cfg: CertifyConfig, device: torch.device | str, *, resume: bool 
     certifier = build_certifier(cfg)
     w, device = setup(device)                      # under torchrun: this rank's GPU, the process group
     model = load(Path(cfg.model), map_location=device)
+    if callable(getattr(certifier, "check_model", None)):   # a certifier that needs a kind of model says so now
+        certifier.check_model(model)
     points = load_points(cfg.dataset, cfg.n_images, cfg.skip, cfg.data_root, cfg.download, model)
     t0 = time.perf_counter()
     res = certify_points(model, points, certifier, chunk=cfg.chunk, seed=cfg.seed, resume=resume, out=cfg.out,
