@@ -120,9 +120,9 @@ def corruption_errors(model: Mapping[str, Any], baseline: Mapping[str, Any], nam
         e = [1 - model["corruption_accuracy"][c][str(s)] for s in severities]
         b = [1 - baseline["corruption_accuracy"][c][str(s)] for s in severities]
         e0, b0 = 1 - model["clean_accuracy"], 1 - baseline["clean_accuracy"]
-        ce[c] = 100 * sum(e) / sum(b) if sum(b) > 0 else None
+        ce[c] = 100 * sum(e) / sum(b) if sum(b) > 1e-9 else None
         den = sum(v - b0 for v in b)
-        rel[c] = 100 * sum(v - e0 for v in e) / den if den > 0 else None
+        rel[c] = 100 * sum(v - e0 for v in e) / den if den > 1e-9 else None
 
     def mean(d: dict[str, float | None]) -> float | None:
         vals = [v for v in d.values() if v is not None]
