@@ -5,11 +5,13 @@ from defenses.amp import AMP
 from defenses.arow import ARoW
 from defenses.base import Defense, StepContext
 from defenses.dafa import DAFA
+from defenses.denoiser import DenoiserMSE, DenoiserStab
 from defenses.dr_reweight import DoublyRobust
 from defenses.emma import EMMA
 from defenses.fast_at import FastAT
 from defenses.ibp import IBPTraining
 from defenses.mart import MART
+from defenses.mixing import AdaptiveSmoothing
 from defenses.noise import GaussianNoise
 from defenses.pgd_at import PGDAT
 from defenses.sam import SAM
@@ -18,6 +20,7 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["ADR", "AMP", "ARoW", "DAFA", "DoublyRobust", "EMMA", "FastAT", "SCORE",
+__all__ = ["ADR", "AdaptiveSmoothing", "AMP", "ARoW", "DAFA", "DoublyRobust", "EMMA", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]
+__all__ += ["DenoiserMSE", "DenoiserStab"]

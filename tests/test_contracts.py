@@ -148,7 +148,17 @@ DEFENSE_CONFIGS: dict[str, dict[str, Any]] = {
     "awp": {"gamma": 0.01, "warmup_epochs": 0},
     "rwp": {"gamma": 0.01, "warmup_epochs": 0, "c_min": 100.0, "iterations": 2},   # c_min: every sample
     "sam": {"rho": 0.05}, "amp": {"epsilon": 0.5, "inner_steps": 2},
+    "denoiser-mse": {"sigma": 0.25}, "denoiser-stab": {"sigma": 0.25, "zo_queries": 4},
 }
+
+
+def _trainee(name: str) -> RobustModel:
+    """The model an objective trains: the tiny classifier; a tiny ``denoised`` composite for the
+    denoiser objectives (they train its denoiser, the classifier frozen)."""
+    if not name.startswith("denoiser-"):
+        return tiny_classifier(bn=False)
+    torch.manual_seed(0)
+    return create("denoised", 10, (1, 28, 28), classifier="ibp-small", depth=3, width=4)
 
 
 def _is_wrapper(name: str) -> bool:
@@ -198,7 +208,7 @@ def test_defense_contract(train_batch, name: str) -> None:
     x, y = train_batch
     defense = DEFENSES.get(name)(**_config(name))
     assert isinstance(defense, Defense)
-    model = tiny_classifier(bn=False).train()
+    model = _trainee(name).train()
     x_in = x.clone()
     _step(defense, model, x, y, lr=0.01)
     assert torch.equal(x, x_in)
@@ -217,7 +227,7 @@ def test_weight_perturbation_wraps_objective(train_batch, name: str, inner: str)
             DEFENSES.get(name)(base, **_config(name))
         return
     defense = DEFENSES.get(name)(base, **_config(name))
-    model = tiny_classifier(bn=False).train()
+    model = _trainee(inner).train()
     before = [p.detach().clone() for p in model.parameters()]
     _step(defense, model, x, y, lr=0.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
