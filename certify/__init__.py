@@ -11,6 +11,7 @@ from certify.ibp import (
     interval_bounds,
     margin_bounds,
 )
+from certify.lipschitz import LipschitzCertifier, lipschitz_constant
 from certify.smoothing import Smooth, SmoothingCertifier
 from certify.stats import CheckpointCS, binom_test, clopper_pearson_lower, clopper_pearson_upper
 
@@ -18,3 +19,4 @@ __all__ = ["Certificate", "Certifier", "CheckpointCS", "CrownIBPCertifier", "IBP
            "SmoothingCertifier", "UnsupportedLayerError", "binom_test", "certified_radius", "clopper_pearson_lower",
            "clopper_pearson_upper", "image_seeds", "interval_bounds", "margin_bounds"]
 __all__ += ["DualSmoothingCertifier"]
+__all__ += ["LipschitzCertifier", "lipschitz_constant"]

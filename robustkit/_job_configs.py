@@ -103,6 +103,44 @@ class BenchmarkSmoothingConfig:
 
 
 @dataclass
+class BenchmarkSparsityConfig:
+    """Adversarial sparsity (Olivier & Raj 2023, ``attacks.sparsity``); a mapping turns it on."""
+
+    enabled: bool = True
+    n_images: int | None = None            # first images evaluated (None: min(benchmark n, 100))
+    directions: int = 64                   # random directions per point (the code's --num-cones)
+    search_steps: int = 10                 # bisection steps per direction (--num-search)
+    steps: int | None = None               # PGD steps per test (None: 10 L2, 20 L-inf)
+    step_size: float | None = None         # None: eps/2 (L2), 0.281 eps (L-inf), as in the code
+
+    def __post_init__(self) -> None:
+        from robustkit.validate import integer, positive
+
+        for key in ("directions", "search_steps") + tuple(k for k in ("n_images", "steps")
+                                                          if getattr(self, k) is not None):
+            _cfg_check(f"sparsity.{key}", integer, key, getattr(self, key), 1)
+        if self.step_size is not None:
+            _cfg_check("sparsity.step_size", positive, "step_size", self.step_size)
+
+
+@dataclass
+class BenchmarkTransferConfig:
+    """Transfer success matrix between the benchmark's models (``robustkit.app._bench_transfer``)."""
+
+    enabled: bool = True
+    steps: int = 50                        # I-FGSM iterations on the source (LGV's 50)
+    step_size: float | None = None         # None: eps / 10 (LGV's)
+    sources: list[str] = field(default_factory=list)   # extra source rows: LGV collections, model dirs
+
+    def __post_init__(self) -> None:
+        from robustkit.validate import integer, positive
+
+        _cfg_check("transfer.steps", integer, "steps", self.steps, 1)
+        if self.step_size is not None:
+            _cfg_check("transfer.step_size", positive, "step_size", self.step_size)
+
+
+@dataclass
 class BenchmarkConfig:
     """``robustkit benchmark``: a leaderboard of models under one threat model (``configs/benchmark_*.yaml``).
 
@@ -125,6 +163,9 @@ class BenchmarkConfig:
     batch_size: int = 256
     seed: int = 0
     smoothing: BenchmarkSmoothingConfig = field(default_factory=BenchmarkSmoothingConfig)
+    sparsity: bool | BenchmarkSparsityConfig = False   # true / {directions: 16, ...}: adversarial sparsity
+    transfer: bool | BenchmarkTransferConfig = False   # true / {sources: [LGV_DIR]}: transfer matrix
+    corruptions: str | list[str] | None = None   # common corruptions (all | names) -> corruptions_acc; None: off
     out: str = "runs/benchmark"
 
     def __post_init__(self) -> None:
@@ -148,6 +189,18 @@ class BenchmarkConfig:
         self.eps_grid = _eps_list(self.eps_grid, "eps_grid")
         if isinstance(self.smoothing, dict):
             self.smoothing = from_dict(BenchmarkSmoothingConfig, self.smoothing, "smoothing")
+        for key, cls in (("sparsity", BenchmarkSparsityConfig), ("transfer", BenchmarkTransferConfig)):
+            v = getattr(self, key)
+            if isinstance(v, bool):
+                setattr(self, key, cls(enabled=v))
+            elif isinstance(v, dict):
+                setattr(self, key, from_dict(cls, v, key))
+        if self.corruptions in (None, [], "", "none"):
+            self.corruptions = None
+        else:
+            from robustkit._corruptions_config import corruption_names
+
+            self.corruptions = corruption_names(self.corruptions)
 
     @property
     def eps_value(self) -> float:
@@ -185,6 +238,15 @@ class CertifyBoundsConfig:
 
 
 @dataclass
+class CertifyLipschitzConfig:
+    """Lipschitz-margin certificates (``certify.lipschitz``): radius = margin / (sqrt(2) L)."""
+
+    norm: str = "l2"                       # l2 | linf (= the L2 radius / sqrt(d): looser)
+    eps: str | None = None                 # the threat radius the report marks (None: none)
+    gram_iters: int = 10                   # Gram iterations per layer bound (Delattre et al. 2023)
+
+
+@dataclass
 class CertifyConfig:
     """``robustkit certify``: certificates of one model on test images (recipes: ``configs/certify_*.yaml``).
 
@@ -207,6 +269,7 @@ class CertifyConfig:
     out: str = "runs/certify"
     smoothing: CertifySmoothingConfig = field(default_factory=CertifySmoothingConfig)
     bounds: CertifyBoundsConfig = field(default_factory=CertifyBoundsConfig)
+    lipschitz: CertifyLipschitzConfig = field(default_factory=CertifyLipschitzConfig)
 
     def __post_init__(self) -> None:
         from robustkit.validate import integer
@@ -218,5 +281,10 @@ class CertifyConfig:
             self.smoothing = from_dict(CertifySmoothingConfig, self.smoothing, "smoothing")
         if isinstance(self.bounds, dict):
             self.bounds = from_dict(CertifyBoundsConfig, self.bounds, "bounds")
+        if isinstance(self.lipschitz, dict):
+            self.lipschitz = from_dict(CertifyLipschitzConfig, self.lipschitz, "lipschitz")
+        if self.lipschitz.eps is not None:
+            _cfg_check("lipschitz.eps", parse_eps, self.lipschitz.eps)
+        self.lipschitz.norm = _cfg_check("lipschitz.norm", parse_norm, self.lipschitz.norm, ("l2", "linf"))
         _cfg_check("bounds.eps", parse_eps, self.bounds.eps)
         self.bounds.norm = _cfg_check("bounds.norm", parse_norm, self.bounds.norm, ("linf", "l2"))

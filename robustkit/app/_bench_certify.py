@@ -23,7 +23,8 @@ from robustkit.app._bench_report import acc
 from robustkit.app.certify import Points, certified_at, certify_points
 from robustkit.modes import device_of
 
-CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing")
+CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing", "lipschitz")
+ANY_NORM = ("lipschitz",)     # deterministic certifiers benchmarked on L2 and L-inf threat models alike
 # an injected deterministic at-eps certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
 Certifier = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
 SMOOTHING_BATCH = 1000        # noisy rows per forward pass at least (results do not depend on it)
@@ -62,11 +63,12 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
                 flags[c] = _batched(lambda xb, yb, f=fn: f(model, xb, yb, eps, norm).bool(), x, y, s["batch_size"],
                                     dev)
                 records[c] = {"status": "ok", "deterministic": True, "eps": eps}
-            elif norm != "linf":
+            elif norm != "linf" and c not in ANY_NORM:
                 records[c] = {"status": "n/a", "reason": f"{c} is benchmarked on L-inf threat models, this is {norm}"}
                 continue
             else:
-                certifier = CERTIFIERS.get(c)(norm="linf", eps=eps, batch_size=s["batch_size"])
+                certifier = CERTIFIERS.get(c)(norm=norm if c in ANY_NORM else "linf", eps=eps,
+                                              batch_size=s["batch_size"])
                 res = certify_points(model, Points.first(x, y, s["dataset"]), certifier, seed=s["seed"],
                                      progress=False)
                 flags[c] = certified_at(res, eps)                              # (N,) radius >= eps, correct

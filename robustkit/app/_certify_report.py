@@ -11,7 +11,8 @@ from robustkit.report import certified_accuracy_curve, line_plot, md_table, radi
 
 NORM_NAME = {"l2": "L2", "linf": "L-inf"}
 TITLE = {"smoothing": "randomized smoothing (Cohen et al. 2019)", "ibp": "IBP (Gowal et al. 2018)",
-         "crown-ibp": "CROWN-IBP (Zhang et al. 2020)"}
+         "crown-ibp": "CROWN-IBP (Zhang et al. 2020)",
+         "lipschitz": "Lipschitz margins (Gram iteration bounds, Delattre et al. 2023)"}
 
 
 def plot_curves(path: str | Path, named: dict[str, dict[str, Any]], title: str = "") -> Path:
@@ -45,6 +46,8 @@ def markdown(res: dict[str, Any], model: str | None = None) -> str:
              f"- average certified radius (ACR, Zhai et al. 2020): {res['average_certified_radius']:.4f}\n"]
     if res.get("max_radius") is not None:
         lines.append(f"- largest radius this certifier can return here: {res['max_radius']:.4f}\n")
+    if res.get("lipschitz_constant") is not None:
+        lines.append(f"- L2 Lipschitz bound L = {res['lipschitz_constant']:.6g} (radius: margin / (sqrt(2) L))\n")
     if res.get("samples"):
         sm = res["samples"]
         lines.append(f"- noise samples per image: mean {sm['mean']:.0f}, max {sm['max']} (incl. n0)\n")

@@ -95,6 +95,9 @@ def build_certifier(cfg: CertifyConfig) -> Certifier:
         sm = cfg.smoothing
         return cls(sigma=sm.sigma, n0=sm.n0, n=sm.n, alpha=sm.alpha, batch_size=cfg.batch_size,
                    sequential=sm.sequential, tol=sm.tol, amp=cfg.amp)
+    if cfg.method == "lipschitz":
+        lp = cfg.lipschitz
+        return cls(norm=lp.norm, eps=lp.eps, gram_iters=lp.gram_iters, batch_size=cfg.batch_size)
     b = cfg.bounds
     return cls(norm=b.norm, eps=b.eps, tol=b.tol, max_eps=b.max_eps, batch_size=cfg.batch_size)
 
@@ -203,6 +206,7 @@ def summarize(records: list[dict[str, Any]], certifier: Certifier, seed: int = 0
     grid = radius_grid(certifier.radius_scale)
     curve = certified_accuracy_curve([r["radius"] for r in records], [r["correct"] for r in records], grid)
     samples = [r["samples"] for r in records if "samples" in r]
+    lipschitz = sorted({r["lipschitz_constant"] for r in records if "lipschitz_constant" in r})
     return {
         "format": FORMAT, "certifier": certifier.name, "norm": certifier.norm,
         "deterministic": certifier.deterministic, "params": certifier.params(), "seed": seed, "dataset": dataset,
@@ -216,6 +220,7 @@ def summarize(records: list[dict[str, Any]], certifier: Certifier, seed: int = 0
         "samples": {"mean": sum(samples) / len(samples), "max": max(samples), "total": sum(samples)}
         if samples else None,
         "seconds": float(sum(r["seconds"] for r in records)),
+        **({"lipschitz_constant": lipschitz[-1]} if lipschitz else {}),     # the model's L (certify.lipschitz)
         "per_sample": records,
     }
 

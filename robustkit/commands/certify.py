@@ -3,6 +3,7 @@
     robustkit certify --model RUN --method smoothing --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001]
                       [--sequential --tol 0.0625] --n-images 100 --out DIR [--resume]
     robustkit certify --model RUN --method ibp|crown-ibp --eps 0.1 [--tol 1e-3 --max-eps 1.0] --out DIR
+    robustkit certify --model RUN --method lipschitz [--eps 0.5 --set lipschitz.norm=linf] --out DIR
     robustkit certify --config configs/certify_smoothing_mnist5k.yaml --set smoothing.n=10000
 
 Flags and ``--set key=value`` override the ``--config`` recipe (``robustkit.config.CertifyConfig``);
@@ -27,12 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from robustkit.commands._common import add_common, add_data
     from robustkit.commands._config import add_config_args
 
-    p = sub.add_parser("certify", help="certified radii: randomized smoothing (L2) or IBP / CROWN-IBP (L-inf)",
+    p = sub.add_parser("certify", help="certified radii: randomized smoothing (L2), IBP / CROWN-IBP (L-inf) or "
+                       "Lipschitz margins (L2)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="run directory or model directory")
     add_config_args(p, "certify")
     add_data(p)
-    p.add_argument("--method", type=str.lower, help="smoothing (default) | ibp | crown-ibp")
+    p.add_argument("--method", type=str.lower, help="smoothing (default) | ibp | crown-ibp | lipschitz")
     p.add_argument("--sigma", type=float, help="smoothing noise level, pixel space (default 0.25)")
     p.add_argument("--n0", type=int, help="selection samples per image (default 100)")
     p.add_argument("--n", type=int, help="estimation samples per image, max (default 100000)")
@@ -41,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, help="sequential: stop when the radius can grow by <= TOL (default "
                    "sigma/4); ibp: radius bisection tolerance (default 1e-3)")
     p.add_argument("--amp", action="store_true", default=None, help="autocast on CUDA")
-    p.add_argument("--eps", help="ibp: the threat L-inf radius, e.g. 0.1 or 8/255 (default 0.1)")
+    p.add_argument("--eps", help="ibp: the threat L-inf radius, e.g. 0.1 or 8/255 (default 0.1); lipschitz: the "
+                   "threat radius the report marks (L2 by default)")
     p.add_argument("--max-eps", type=float, help="ibp: upper end of the radius bisection (default 1.0)")
     p.add_argument("--radius", action="store_true", help="(kept for old scripts: radii are always computed)")
     p.add_argument("--n-images", type=int, help="number of test images (default 100)")
@@ -60,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> Any:  # -> CertifyConfig
 
     method = args.method or (load_yaml(args.config).get("method") if args.config else None)
     tol = "bounds.tol" if method in ("ibp", "crown-ibp") else "smoothing.tol"
-    return make_config(CertifyConfig, args, {key: getattr(args, dest) for dest, key in {**FLAGS, "tol": tol}.items()})
+    flags = {**FLAGS, "tol": tol, **({"eps": "lipschitz.eps"} if method == "lipschitz" else {})}
+    return make_config(CertifyConfig, args, {key: getattr(args, dest) for dest, key in flags.items()})
 
 
 def run(args: argparse.Namespace) -> int:
