@@ -230,3 +230,20 @@ def test_cli_output_path_is_checked_before_work(only_corruptions, model_dir, tmp
     assert "is a file" in capsys.readouterr().err
     assert _run("--n", "4", "--out", str(tmp_path / "o")) == 2
     assert "needs a model" in capsys.readouterr().err
+
+
+def test_benchmark_entry_gets_corruptions_acc(tiny_mnist_model, tmp_path):
+    from robustkit.app.benchmark import benchmark
+    from robustkit.config import BenchmarkConfig
+
+    cfg = BenchmarkConfig(n=6, attacks="pgd", attack_params={"pgd": {"steps": 2, "restarts": 1}}, eps_grid="none",
+                          corruptions="fog,contrast", batch_size=6, out=str(tmp_path / "bench"))
+    assert cfg.corruptions == ["fog", "contrast"] and BenchmarkConfig().corruptions is None
+    res = benchmark(cfg, {"tiny": tiny_mnist_model}, progress=False)
+    e = res["models"][0]
+    assert res["settings"]["corruptions"] == ["fog", "contrast"]
+    assert e["corruptions_acc"] == pytest.approx((e["corruptions_acc_fog"] + e["corruptions_acc_contrast"]) / 2)
+    assert "corruptions_acc_snow" not in e and "corruptions" in e["seconds"]
+    assert "| corruptions |" in (tmp_path / "bench" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="unknown corruption"):
+        BenchmarkConfig(corruptions="rain")

@@ -162,6 +162,8 @@ def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> 
     row.update({a: e["attacks"][a] for a in attacks if a != "autoattack"})
     row["worst case"] = e["robust_acc"]
     row["worst class"] = e.get("worst_class_robust_acc", "n/a")
+    if "corruptions_acc" in e:
+        row["corruptions"] = e["corruptions_acc"]
     for c in certs:
         r = e["certified"].get(c, {})
         row[f"certified ({c})"] = r.get("certified_acc", "n/a")

@@ -23,6 +23,7 @@ when done and reused by a rerun; rank 0 alone writes the files above.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
     for a in cfg.attacks:      # build once up front so bad attack parameters fail before any work
         bench_attack(a, cfg, cfg.eps_value, None)
     x, y = data.tensors(cfg.n)                                                 # (N, C, H, W), (N,)
+    if cfg.corruptions:
+        from robustkit._corruptions import check_images
+
+        check_images(x[:1])                    # the corruptions' image sizes, before any work
     entries = [_model_entry(name, model, source, x, y, cfg, s, certifiers, out, progress)
                for name, (model, source) in tqdm(named.items(), desc="benchmark", unit="model",
                                                  disable=not (progress and w.is_main))]
@@ -149,7 +154,8 @@ def settings(cfg: BenchmarkConfig, certifiers: Mapping[str, Certifier]) -> dict[
         validate_params(cfg.sigma or 1.0, sm.n0, sm.n, sm.alpha)
     return {"dataset": cfg.dataset, "norm": cfg.norm, "eps": cfg.eps_value, "n": cfg.n, "attacks": list(cfg.attacks),
             "certify": list(cfg.certify), "sigma": cfg.sigma, "eps_grid": cfg.eps_grid_values,
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "attack_params": cfg.attack_params, "smoothing": smoothing}
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "attack_params": cfg.attack_params, "smoothing": smoothing,
+            **({"corruptions": list(cfg.corruptions)} if cfg.corruptions else {})}
 
 
 def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tensor, y: torch.Tensor,
@@ -181,6 +187,13 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     curve = eps_curve(model, x, y, correct, cfg, broken.get("pgd"), progress, name, seconds, parts)
     entry = rep.make_entry(name, model, source, cfg, correct, broken, subs, meta, certified, cert_flags, curve,
                            seconds, labels=ev.y)
+    if cfg.corruptions:                     # common corruptions (robustkit.app.corruptions): corruptions_acc[_<c>]
+        from robustkit.app.corruptions import benchmark_entry
+
+        t0 = time.perf_counter()
+        entry.update(benchmark_entry(model, x, y, cfg.corruptions, seed=cfg.seed, batch_size=cfg.batch_size,
+                                     progress=progress and main))
+        entry["seconds"]["corruptions"] = round(time.perf_counter() - t0, 3)
     if main:
         atomic_write_json(cache, {"key": key, "entry": entry})
     return entry

@@ -30,7 +30,8 @@ from robustkit.commands._config import add_config_args, make_config, param_overr
 FLAGS = {"models": "models", "dataset": "dataset", "data_root": "data_root", "download": "download", "norm": "norm",
          "eps": "eps", "n": "n", "attacks": "attacks", "certify": "certify", "sigma": "sigma", "eps_grid": "eps_grid",
          "batch_size": "batch_size", "out": "out", "seed": "seed", "smooth_n": "smoothing.n",
-         "smooth_n0": "smoothing.n0", "alpha": "smoothing.alpha", "smooth_images": "smoothing.n_images"}
+         "smooth_n0": "smoothing.n0", "alpha": "smoothing.alpha", "smooth_images": "smoothing.n_images",
+         "corruptions": "corruptions"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth-images", type=int, help="images certified by smoothing (default min(N, 100))")
     p.add_argument("--eps-grid", help="eps values of the PGD curve, e.g. 0,0.1,0.2 (default: 5 points up to "
                                       "--eps; 'none' skips it)")
+    p.add_argument("--corruptions", help="also the common-corruption accuracy (corruptions_acc, 5 severities): all "
+                                         "or comma-separated names (robustkit corruptions; default: not run)")
     p.add_argument("--batch-size", type=int, help="images per attack batch (default 256)")
     p.add_argument("--out", help="output directory (default runs/benchmark)")
     add_config_args(p, "benchmark")
