@@ -20,7 +20,7 @@ from torch import nn
 
 from defenses._adversarial import AdversarialObjective, TargetsFn, accuracy_logs, check_positive, reduce
 from defenses._overfit import OverfitDetector
-from defenses.base import StepContext, average_across_replicas, replicated
+from defenses.base import StepContext, average_across_replicas, gather_objects, replicated
 from robustkit.errors import InputError
 from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
@@ -60,9 +60,14 @@ class FastAT(AdversarialObjective):
     from the previous epoch's (see ``defenses._overfit``); ``train_cifar.py`` additionally clips
     gradients at 0.5 (``grad_clip`` in the recipe) and peaks the LR at 2/5 of training.
 
-    Under DDP each rank probes its own first batch; the two accuracies are averaged over the ranks
-    (``average_across_replicas``) before the detector sees them, so every rank takes the same
-    decision (and stops at the same epoch).
+    Under DDP the probe is the *global* first batch: every rank's ``co_batch`` first images are
+    gathered once (rank order) and every rank holds and probes all of them (with ``co_batch`` at
+    least the per-rank batch, the images of the one-process probe with the same global batch). The
+    two accuracies are then averaged over the ranks (``average_across_replicas``: the same bits on
+    every rank even if kernels were not deterministic) before the detector sees them, so every
+    rank takes the same decision and stops at the same epoch (tested under torchrun). Since the
+    probe is the same on every rank, the checkpoint's copy (written by rank 0) is right for every
+    rank on resume; the restored weights are identical too (DDP keeps the replicas equal).
 
     Args (keyword-only; ``None`` takes the ``preset``'s value):
         preset: ``"cifar10"`` (eps 8/255, alpha 10/255) or ``"mnist"`` (eps 0.3, alpha 0.375).
@@ -128,12 +133,23 @@ class FastAT(AdversarialObjective):
     # -- the catastrophic-overfitting check --------------------------------------------
     def before_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
         if self.co_check and self._probe is None:  # the first training batch (train_fgsm.py: first_batch)
-            self._probe = (x[:self.co_batch].detach().clone(), y[:self.co_batch].detach().clone())
+            px, py = x[:self.co_batch].detach().clone(), y[:self.co_batch].detach().clone()   # (P, C, H, W), (P,)
+            if replicated(model):  # every rank's slice, in rank order: the same probe on every rank
+                parts = gather_objects((px.cpu(), py.cpu()))
+                px = torch.cat([p[0] for p in parts]).to(x.device)       # (W * P, C, H, W)
+                py = torch.cat([p[1] for p in parts]).to(y.device)       # (W * P,)
+            self._probe = (px, py)
 
     def probe_accuracies(self, model: nn.Module) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) on the probe batch, averaged over DDP ranks."""
+        acc = self._local_accuracies(unwrap(model))                  # (2,)
+        if replicated(model):
+            average_across_replicas([acc])
+        return float(acc[0]), float(acc[1])
+
+    def _local_accuracies(self, net: nn.Module) -> torch.Tensor:
+        """``[PGD accuracy, FGSM accuracy]`` ``(2,)`` of ``net`` on this rank's copy of the probe."""
         assert self._probe is not None
-        net = unwrap(model)
         device = next(net.parameters()).device
         x, y = (t.to(device) for t in self._probe)                  # (P, C, H, W), (P,)
         g = torch.Generator(device=device).manual_seed(self.co_seed)
@@ -148,11 +164,8 @@ class FastAT(AdversarialObjective):
                     x_pgd = tm.project(tm.step(x_pgd.detach(), grad, self.co_step_size), x)
             x_fgsm = self.fgsm(net, x, y, g)
             with torch.no_grad():
-                acc = torch.stack([(net(x_pgd).argmax(1) == y).float().mean(),
-                                   (net(x_fgsm).argmax(1) == y).float().mean()])   # (2,)
-        if replicated(model):
-            average_across_replicas([acc])
-        return float(acc[0]), float(acc[1])
+                return torch.stack([(net(x_pgd).argmax(1) == y).float().mean(),
+                                    (net(x_fgsm).argmax(1) == y).float().mean()])   # (2,)
 
     def end_epoch(self, model: nn.Module, ctx: StepContext) -> dict[str, Any]:
         """The Trainer's epoch-end hook (every rank): metrics ``co_pgd_acc``, ``co_fgsm_acc``,
