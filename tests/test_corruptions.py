@@ -210,6 +210,8 @@ def test_cli_writes_results_heatmap_and_robustbench_files(only_corruptions, mode
     (["--n", "5000"], "n=5000 is more than the 1000 test images"),
     (["--dataset", "cifar10"], ""),
     (["--baseline", "RESULTS"], "scored on other images"),
+    (["--baseline", "missing/results.json"], "not a robustkit corruptions results.json"),
+    (["--seed", "-1"], "seed must be >= 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(only_corruptions, model_dir, tmp_path, capsys, argv, match):
     if "RESULTS" in argv:

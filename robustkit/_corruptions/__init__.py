@@ -23,9 +23,11 @@ motion blur) is re-implemented after that library's rule (``_ops``); deviations,
 
 Why not PyPI ``imagecorruptions`` (1.1.2, the maintained package of Michaelis et al. 2019):
 it implements the ImageNet-C severities, rejects images under 32 px, draws from numpy's global
-random state one image at a time, depends on OpenCV and scikit-image, and (checked here) does not
-import with setuptools >= 81 (``pkg_resources``), nor run glass blur on scikit-image >= 0.21
-(``multichannel``) or fog on numpy 2 (``np.float_``).
+random state one image at a time, depends on OpenCV and scikit-image, and (checked here, with
+setuptools 84.2, scikit-image 0.26, numpy 2.4) does not import without ``pkg_resources`` (gone from
+current setuptools), and once that is shimmed, glass blur fails (skimage's removed ``multichannel``
+argument) and so does fog (numpy 2 removed ``np.float_``). Its frost photographs are bundled (no
+downloads); ours are the reference's, see ``robustkit/_data/frost.md``.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def run_corruptions(cfg: CorruptionsConfig, device: torch.device | str, *, progr
     baseline_res: dict[str, Any] | None = None
     if cfg.baseline:
         bpath = Path(cfg.baseline)
-        if bpath.is_file() and bpath.suffix == ".json":
+        if bpath.suffix.lower() == ".json":                                     # an earlier run's results
             baseline_res = load_baseline_results(bpath, cfg)
         else:
             models["baseline"] = _load_model(cfg.baseline, device)
