@@ -58,8 +58,16 @@ def frozen(classifier: nn.Module, z: torch.Tensor) -> torch.Tensor:
         return functional_call(classifier, state, (z,))
 
 
+class _DenoiserObjective(Defense):
+    name = "denoiser"
+
+    def check_model(self, model: nn.Module) -> None:
+        """``InputError`` unless ``model`` is a ``denoised`` composite (the train pipeline asks before any work)."""
+        _net(model, self.name)
+
+
 @DEFENSES.register("denoiser-mse", help="denoised smoothing: denoiser MSE on Gaussian noise (Salman et al. 2020)")
-class DenoiserMSE(Defense):
+class DenoiserMSE(_DenoiserObjective):
     """``||D(x + sigma * eps) - x||^2`` averaged over pixels; the classifier is not used. Default ``sigma=0.25``."""
 
     name = "denoiser-mse"
@@ -78,7 +86,7 @@ class DenoiserMSE(Defense):
 @DEFENSES.register("denoiser-stab", help="denoised smoothing: stability / classification loss through the "
                                          "frozen classifier (Salman et al. 2020); zo_queries: zeroth-order (Zhang "
                                          "et al. 2022)")
-class DenoiserStab(Defense):
+class DenoiserStab(_DenoiserObjective):
     """``CE(F(D(x + sigma * eps)), t)``, ``t`` = ``F(x)``'s prediction (``target="prediction"``, Stab) or ``y``
     (``target="label"``, Clf). ``zo_queries=q`` replaces F's gradient by the RGE estimate (``zo_mu``).
     Defaults: ``sigma=0.25``, ``target="prediction"``, first order; ZO: ``q=192``, ``mu=0.005`` in the paper."""

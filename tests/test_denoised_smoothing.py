@@ -176,3 +176,4 @@ def test_cli_train_denoiser_then_certify(tiny_mnist_model, tmp_path, monkeypatch
     assert cli.main(["train", "--model", str(plain), "--defense", "denoiser-stab", "--epochs", "1",
                      "--set", "data.n_train=32", "--set", "eval.attack=null", "--dataset", "mnist5k",
                      "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "bad").exists()                                  # refused before anything is written

@@ -247,6 +247,9 @@ def train(cfg: TrainConfig, out: str | Path, device: torch.device, resume: bool 
         model = build_model(cfg, device)
         defense = build_defense(cfg)
         defense.check_run(cfg.epochs)  # e.g. DAFA's warm-up must end before the last epoch
+        for d in (defense, getattr(defense, "inner", None)):   # an objective that needs a kind of model (denoiser-*)
+            if callable(getattr(d, "check_model", None)):
+                d.check_model(model)
         loader = make_loader(cfg.data.name, "train", batch_size=cfg.data.batch_size, n=cfg.data.n_train,
                              seed=cfg.seed, augment=cfg.data.augment, data_root=cfg.data.root,
                              download=cfg.data.download, rank=world.rank, world_size=world.size, device=device)
