@@ -11,6 +11,7 @@ from defenses.emma import EMMA
 from defenses.fast_at import FastAT
 from defenses.ibp import IBPTraining
 from defenses.mart import MART
+from defenses.mixing import AdaptiveSmoothing
 from defenses.noise import GaussianNoise
 from defenses.pgd_at import PGDAT
 from defenses.sam import SAM
@@ -19,7 +20,7 @@ from defenses.standard import Standard
 from defenses.trades import TRADES
 from defenses.weight_perturbation import AWP, RWP
 
-__all__ = ["ADR", "AMP", "ARoW", "DAFA", "DoublyRobust", "EMMA", "FastAT", "SCORE",
+__all__ = ["ADR", "AdaptiveSmoothing", "AMP", "ARoW", "DAFA", "DoublyRobust", "EMMA", "FastAT", "SCORE",
            "AWP", "MART", "PGDAT", "RWP", "SAM", "TRADES", "Defense", "GaussianNoise", "IBPTraining",
            "Standard", "StepContext"]
 __all__ += ["DenoiserMSE", "DenoiserStab"]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import robustkit._mixnet  # noqa: F401  (registers the mixed classifier: mix)
 from robustkit._archs import IMAGENET_MEAN, IMAGENET_STD, build_net, check_rebuildable, dry_run, is_arch, is_import_path
 from robustkit._weights import CheckpointWarning, load_state_dict_file, load_weights
 from robustkit.errors import CheckpointError, IncompatibleError, InputError
