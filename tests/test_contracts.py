@@ -149,12 +149,16 @@ DEFENSE_CONFIGS: dict[str, dict[str, Any]] = {
     "rwp": {"gamma": 0.01, "warmup_epochs": 0, "c_min": 100.0, "iterations": 2},   # c_min: every sample
     "sam": {"rho": 0.05}, "amp": {"epsilon": 0.5, "inner_steps": 2},
     "denoiser-mse": {"sigma": 0.25}, "denoiser-stab": {"sigma": 0.25, "zo_queries": 4},
+    "adaptive-smoothing": {"preset": "mnist", "steps": 2},
 }
 
 
 def _trainee(name: str) -> RobustModel:
     """The model an objective trains: the tiny classifier; a tiny ``denoised`` composite for the
     denoiser objectives (they train its denoiser, the classifier frozen)."""
+    if name == "adaptive-smoothing":   # trains the mixing network of a mix composite, members frozen
+        torch.manual_seed(0)
+        return create("mix", 10, (1, 28, 28), mixing_net=True, alpha=None, width=4)
     if not name.startswith("denoiser-"):
         return tiny_classifier(bn=False)
     torch.manual_seed(0)
