@@ -163,8 +163,8 @@ class BenchmarkConfig:
     batch_size: int = 256
     seed: int = 0
     smoothing: BenchmarkSmoothingConfig = field(default_factory=BenchmarkSmoothingConfig)
-    sparsity: bool | BenchmarkSparsityConfig = False   # true / {directions: 16, ...}: adversarial sparsity
-    transfer: bool | BenchmarkTransferConfig = False   # true / {sources: [LGV_DIR]}: transfer matrix
+    sparsity: BenchmarkSparsityConfig | bool = False   # true / {directions: 16, ...}: adversarial sparsity
+    transfer: BenchmarkTransferConfig | bool = False   # true / {sources: [LGV_DIR]}: transfer matrix
     corruptions: str | list[str] | None = None   # common corruptions (all | names) -> corruptions_acc; None: off
     out: str = "runs/benchmark"
 

@@ -43,6 +43,7 @@ ATTACK_CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "apgd": (("linf", "l2"), {"n_iter": 5, "seed": 0}),
     "fast": (("linf", "l2"), {"n_iter": 5, "n_targets": 2, "seed": 0}),
     "deepfool": (("linf", "l2"), {"max_iter": 10}),
+    "lgv": (("linf", "l2"), {"steps": 5}),
     "bo-hard-label": (("linf", "l2"), {"max_queries": 20, "n_init": 3, "raw_samples": 8, "acq_steps": 2,
                                        "fit_maxiter": 3, "gp_points": 10, "seed": 0}),
     "autoattack": (("linf", "l2"), {"attacks": ["apgd-ce"], "overrides": {"apgd.n_iter": 3}, "seed": 0}),

@@ -122,7 +122,13 @@ def write_all(out: Path, res: dict[str, Any]) -> dict[str, Any]:
     write_results(out, res)
     write_model_infos(out, res["models"], res["settings"])
     plots = write_plots(out, res["models"], res["settings"])
-    write_markdown(out, markdown(res, plots))
+    text = markdown(res, plots)
+    if res.get("transfer_matrix"):          # transfer success matrix: heat map + table
+        from robustkit.app import _bench_transfer as tr
+
+        tr.heatmap(out / "plots" / "transfer_matrix.png", res["transfer_matrix"])
+        text += tr.markdown(res["transfer_matrix"], "plots/transfer_matrix.png")
+    write_markdown(out, text)
     return res
 
 
@@ -162,6 +168,9 @@ def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> 
     row.update({a: e["attacks"][a] for a in attacks if a != "autoattack"})
     row["worst case"] = e["robust_acc"]
     row["worst class"] = e.get("worst_class_robust_acc", "n/a")
+    if "adversarial_sparsity" in e:          # mean over vulnerable points (higher: sparser, more robust)
+        mean = e["adversarial_sparsity"]["mean"]
+        row["sparsity"] = "n/a" if mean is None else mean
     if "corruptions_acc" in e:
         row["corruptions"] = e["corruptions_acc"]
     for c in certs:

@@ -7,7 +7,9 @@ on ``x_adv``, ``x_adv`` inside the ball and ``[0, 1]``, ``ThreatModel.contains``
 claims that fail; ``robust_acc`` = worst case per point over every attack; AutoAttack's per-point
 sub-attack breakdown; deterministic certificates at ``eps`` (IBP, L-inf) and randomized-
 smoothing certificates (L2, of the *smoothed* classifier, so never compared with attacks on
-the base model); robust accuracy vs eps with our PGD; seconds for each part.
+the base model); robust accuracy vs eps with our PGD; seconds for each part. Optionally the
+adversarial sparsity of each model (``sparsity``) and the transfer success matrix between the
+models, LGV collections as extra sources (``transfer``; ``transfer_matrix`` in results.json).
 
 Consistency flags: points one of our attacks breaks but AutoAttack did not, and -- raised as
 ``SoundnessError`` after everything is written -- points an attack broke although a
@@ -36,6 +38,7 @@ from robustkit.app import _bench_report as rep
 from robustkit.app._bench_attacks import bench_attack, eps_curve, run_attacks
 from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
 from robustkit.app._bench_models import ModelsArg, load_models, run_sigma
+from robustkit.app._bench_sparsity import check_sparsity, sparsity_entry, sparsity_settings
 from robustkit.app._robustbench import reported_entries
 from robustkit.app.shard import broadcast, check_enough, setup, world
 from robustkit.app.sharded_eval import check_output_dir
@@ -61,6 +64,7 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
                   eps_grid: Sequence[float | str] | None = None, batch_size: int = 256, seed: int = 0,
                   attack_params: Mapping[str, Mapping[str, Any]] | None = None,
                   smoothing: Mapping[str, Any] | None = None, certifiers: Mapping[str, Certifier] | None = None,
+                  sparsity: bool | Mapping[str, Any] = False, transfer: bool | Mapping[str, Any] = False,
                   device: torch.device | str | None = None, data_root: str | None = None, download: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """The keyword front of ``benchmark``: builds the ``BenchmarkConfig`` (same keys) and runs it.
@@ -75,6 +79,10 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
         attack_params: per-attack keyword overrides, e.g. ``{"pgd": {"steps": 20}}``,
             ``{"autoattack": {"attacks": ["apgd-ce"], "overrides": {"apgd.n_iter": 10}}}``.
         smoothing: ``n0`` (100), ``n`` (10000), ``alpha`` (0.001), ``n_images`` (min(n, 100)).
+        sparsity: adversarial sparsity per model (``True`` or settings such as ``{"directions": 16}``;
+            ``robustkit.app._bench_sparsity``): entry key ``adversarial_sparsity``.
+        transfer: the transfer success matrix between the models (``True`` or ``{"steps", "step_size",
+            "sources": [LGV collection dirs]}``; ``robustkit.app._bench_transfer``): ``transfer_matrix``.
         certifiers: extra deterministic certifiers ``{name: fn(model, x, y, eps, norm) -> (B,) bool}``;
             they run on every model and take part in the soundness check.
         device: where the models run (default: where they are; loaded models: CPU).
@@ -83,7 +91,10 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
         "dataset": dataset, "norm": norm, "eps": eps, "n": n, "attacks": _seq(attacks), "certify": _seq(certify),
         "sigma": sigma, "eps_grid": None if eps_grid is None else _seq(eps_grid), "batch_size": batch_size,
         "seed": seed, "attack_params": {k: dict(v) for k, v in (attack_params or {}).items()},
-        "smoothing": dict(smoothing or {}), "out": str(out), "data_root": data_root, "download": download})
+        "smoothing": dict(smoothing or {}),
+        "sparsity": sparsity if isinstance(sparsity, bool) else dict(sparsity),
+        "transfer": transfer if isinstance(transfer, bool) else dict(transfer), "out": str(out),
+        "data_root": data_root, "download": download})
     return benchmark(cfg, models, certifiers=certifiers, device=device, progress=progress)
 
 
@@ -118,6 +129,8 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
         check_compatible(model, data.info, name=f"model {name!r}")
     for a in cfg.attacks:      # build once up front so bad attack parameters fail before any work
         bench_attack(a, cfg, cfg.eps_value, None)
+    check_sparsity(cfg)
+    extra = _transfer_sources(cfg, data.info, None if device is None else rank_device)
     x, y = data.tensors(cfg.n)                                                 # (N, C, H, W), (N,)
     if cfg.corruptions:
         from robustkit._corruptions import check_images
@@ -128,6 +141,8 @@ def benchmark(cfg: BenchmarkConfig, models: ModelsArg | None = None, *,
                                                  disable=not (progress and w.is_main))]
     res = {"format": FORMAT, "settings": s, "models": rep.leaderboard_order(entries), "reported": reported,
            "flags": {e["name"]: e["flags"] for e in entries if any(e["flags"].values())}}
+    if cfg.transfer.enabled and w.is_main:
+        res["transfer_matrix"] = _transfer(cfg, s, named, extra, x, y, out)
     if w.is_main:
         rep.write_all(out, res)
     bad = [(e["name"], v) for e in entries for v in e["flags"].get("soundness_violations", [])]
@@ -155,6 +170,9 @@ def settings(cfg: BenchmarkConfig, certifiers: Mapping[str, Certifier]) -> dict[
     return {"dataset": cfg.dataset, "norm": cfg.norm, "eps": cfg.eps_value, "n": cfg.n, "attacks": list(cfg.attacks),
             "certify": list(cfg.certify), "sigma": cfg.sigma, "eps_grid": cfg.eps_grid_values,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "attack_params": cfg.attack_params, "smoothing": smoothing,
+            **({"sparsity": sparsity_settings(cfg)} if cfg.sparsity.enabled else {}),
+            **({"transfer": {"steps": cfg.transfer.steps, "step_size": cfg.transfer.step_size,
+                             "sources": list(cfg.transfer.sources)}} if cfg.transfer.enabled else {}),
             **({"corruptions": list(cfg.corruptions)} if cfg.corruptions else {})}
 
 
@@ -185,8 +203,12 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     subs = {a: ev.sub_attacks[i] for i, a in enumerate(cfg.attacks)}
     seconds.update({a: st.seconds for a, st in zip(cfg.attacks, ev.stats)})
     curve = eps_curve(model, x, y, correct, cfg, broken.get("pgd"), progress, name, seconds, parts)
+    if cfg.sparsity.enabled:                 # vulnerable: broken at eps by any attack (verified)
+        sparsity = sparsity_entry(model, x, y, torch.stack(list(broken.values())).any(0) & correct, cfg, seconds)
     entry = rep.make_entry(name, model, source, cfg, correct, broken, subs, meta, certified, cert_flags, curve,
                            seconds, labels=ev.y)
+    if cfg.sparsity.enabled:
+        entry["adversarial_sparsity"] = sparsity
     if cfg.corruptions:                     # common corruptions (robustkit.app.corruptions): corruptions_acc[_<c>]
         from robustkit.app.corruptions import benchmark_entry
 
@@ -197,6 +219,32 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     if main:
         atomic_write_json(cache, {"key": key, "entry": entry})
     return entry
+
+
+def _transfer_sources(cfg: BenchmarkConfig, info: Any, device: torch.device | None) -> dict[str, nn.Module]:
+    """The transfer matrix's extra source rows (``transfer.sources``), loaded and checked up front."""
+    if not cfg.transfer.enabled or not cfg.transfer.sources:
+        return {}
+    from robustkit.app._bench_transfer import load_sources
+
+    extra = load_sources(list(cfg.transfer.sources), device)
+    for name, m in extra.items():
+        check_compatible(m, info, name=f"transfer source {name!r}")
+    return extra
+
+
+def _transfer(cfg: BenchmarkConfig, s: dict[str, Any], named: dict[str, Any], extra: dict[str, nn.Module],
+              x: torch.Tensor, y: torch.Tensor, out: Path) -> dict[str, Any]:
+    """The transfer success matrix (rows: every model, then ``extra``; columns: every model),
+    reused from ``out/transfer.json`` when made with the same settings and weights."""
+    from robustkit.app import _bench_transfer as tr
+
+    targets = {k: m for k, (m, _) in named.items()}
+    sources = {**targets, **{k if k not in targets else f"{k}-source": m for k, m in extra.items()}}
+    key = tr.cache_key({k: s[k] for k in ("dataset", "norm", "eps", "n", "transfer")}, sources, targets)
+    return tr.cached_matrix(out, key, lambda: tr.transfer_matrix(
+        sources, targets, x, y, norm=cfg.norm, eps=cfg.eps_value, steps=cfg.transfer.steps,
+        step_size=cfg.transfer.step_size, batch_size=cfg.batch_size))
 
 
 def _cached(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:

@@ -2,4 +2,4 @@
 and sets ``func=run``; ``robustkit.cli`` imports the modules listed in ``COMMANDS``."""
 
 COMMANDS = ["models", "datasets", "train", "eval", "attack", "finetune", "certify", "benchmark", "quickstart",
-            "corruptions", "mix", "reject"]
+            "corruptions", "mix", "reject", "lgv"]

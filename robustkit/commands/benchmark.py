@@ -31,7 +31,8 @@ FLAGS = {"models": "models", "dataset": "dataset", "data_root": "data_root", "do
          "eps": "eps", "n": "n", "attacks": "attacks", "certify": "certify", "sigma": "sigma", "eps_grid": "eps_grid",
          "batch_size": "batch_size", "out": "out", "seed": "seed", "smooth_n": "smoothing.n",
          "smooth_n0": "smoothing.n0", "alpha": "smoothing.alpha", "smooth_images": "smoothing.n_images",
-         "corruptions": "corruptions"}
+         "corruptions": "corruptions", "sparsity": "sparsity.enabled", "transfer": "transfer.enabled",
+         "transfer_sources": "transfer.sources"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "--eps; 'none' skips it)")
     p.add_argument("--corruptions", help="also the common-corruption accuracy (corruptions_acc, 5 severities): all "
                                          "or comma-separated names (robustkit corruptions; default: not run)")
+    p.add_argument("--sparsity", action="store_const", const=True, help="also the adversarial sparsity of each "
+                   "model (Olivier & Raj 2023; settings: --set sparsity.directions=16 ...)")
+    p.add_argument("--transfer", action="store_const", const=True, help="also the transfer success matrix between "
+                   "the models (I-FGSM on each source, checked on each target)")
+    p.add_argument("--transfer-sources", nargs="+", metavar="DIR", help="extra transfer sources (rows): LGV "
+                   "collections from robustkit lgv, or model directories (implies --transfer)")
     p.add_argument("--batch-size", type=int, help="images per attack batch (default 256)")
     p.add_argument("--out", help="output directory (default runs/benchmark)")
     add_config_args(p, "benchmark")
@@ -82,6 +89,16 @@ def run(args: argparse.Namespace) -> int:
     for e in res.get("reported", []):
         flags = "".join(f"  [{k}]" for k in e["flags"])
         print(f"{e['name']}: {e['status']}: clean {e['clean_acc']:.4f}  AutoAttack {e['autoattack_acc']:.4f}{flags}")
+    for e in res["models"]:
+        if e.get("adversarial_sparsity"):
+            sp = e["adversarial_sparsity"]
+            mean = "n/a" if sp["mean"] is None else f"{sp['mean']:.4f}"
+            print(f"{e['name']}: adversarial sparsity {mean} (mean over {sp['n_vulnerable']} vulnerable points)")
+    if res.get("transfer_matrix"):
+        tm = res["transfer_matrix"]
+        print("transfer success (rows: source, columns: target " + ", ".join(tm["targets"]) + "):")
+        for s, row in zip(tm["sources"], tm["success"]):
+            print(f"  {s}: " + "  ".join("n/a" if v is None else f"{v:.4f}" for v in row))
     for name, f in res["flags"].items():
         if f.get("weaker_autoattack"):
             print(f"robustkit: warning: {name}: our attacks broke points AutoAttack did not: "
