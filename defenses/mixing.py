@@ -86,6 +86,11 @@ class AdaptiveSmoothing(AdversarialObjective):
                              "with --pretrained DIR")
         return net
 
+    def check_model(self, model: nn.Module) -> None:
+        """``InputError`` unless ``model`` is a ``mix`` composite with a mixing network (the train pipeline asks
+        before anything is written)."""
+        self._mixed(model)
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial images of the composite ``(B, C, H, W)``, per-image budgets (eval mode, last iterate)."""
         self._mixed(model)

@@ -14,11 +14,13 @@ from torch import nn
 from attacks.pgd import PGD
 from defenses.base import StepContext
 from defenses.mixing import AdaptiveSmoothing
+from robustkit.app.build import build_attack
 from robustkit.cli import main
 from robustkit.errors import InputError
 from robustkit.mix import MixedNet, mix_model, mixed_part
 from robustkit.threat import ThreatModel
 from robustkit.zoo import RobustModel, create, load, save
+from tests._optional import has_autoattack
 
 
 def _members(seed: int = 0) -> tuple[RobustModel, RobustModel]:
@@ -179,8 +181,28 @@ def test_cli_mix_then_train_and_attack(tmp_path, capsys) -> None:
     trained = load(tmp_path / "run")
     assert torch.equal(trained.net.standard.state_dict()["net.0.weight"], std.state_dict()["net.0.weight"])
     capsys.readouterr()
+    assert main(["train", "--model", str(tmp_path / "mix"), "--dataset", "mnist5k", "--defense", "adaptive-smoothing",
+                 "--epochs", "1", "--out", str(tmp_path / "run-fixed"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixing network of a mix composite" in err[0] and not (tmp_path / "run-fixed").exists()
     assert main(["mix", "--standard", str(tmp_path / "std"), "--robust", str(tmp_path / "rob"), "--alpha", "2",
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "alpha must be a number in [0.0, 1.0]" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not has_autoattack(), reason="needs the autoattack package (test extra)")
+def test_autoattack_runs_end_to_end_on_the_composite(tiny_mnist_model, mnist_test_batch) -> None:
+    """The composite is one module to AutoAttack: the evaluation engine verifies every claimed break."""
+    torch.manual_seed(0)
+    weak = create("ibp-small", 10, (1, 28, 28)).eval()
+    model = mix_model(tiny_mnist_model, weak, mixing_net=True).eval()
+    x, y = mnist_test_batch[0][:16], mnist_test_batch[1][:16]
+    aa = build_attack("autoattack", {"attacks": ["apgd-ce", "apgd-t"], "overrides": {"apgd.n_iter": 5}},
+                      norm="linf", eps=0.3, seed=0)
+    res = aa(model, x, y)
+    assert bool(ThreatModel("linf", 0.3).contains(res.x_adv, x).all())
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(1)
+    assert bool(res.success.any()) and bool((pred[res.success] != y[res.success]).all())
