@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses._adversarial import AdversarialObjective, TargetsFn, accuracy_logs, check_positive, reduce
+from defenses._lap import layer_scales, perturb_layers, step_direction
 from defenses._overfit import OverfitDetector
 from defenses.base import StepContext, average_across_replicas, gather_objects, replicated
 from robustkit.errors import InputError
@@ -69,12 +70,33 @@ class FastAT(AdversarialObjective):
     probe is the same on every rank, the checkpoint's copy (written by rank 0) is right for every
     rank on resume; the restored weights are identical too (DDP keeps the replicas equal).
 
+    LAP (``lap_beta > 0``; Lin et al., "Layer-Aware Analysis of Catastrophic Overfitting: Revealing
+    the Pseudo-Robust Shortcut Dependency", ICML 2024, https://arxiv.org/abs/2405.16262; code
+    tmllab/2024_ICML_LAP): before each step the conv / linear weights move by a layer-aware amount
+    ``lambda_l * lap_beta * ||w_l|| * d_l / ||d_l||``, ``lambda_l = 1 - (ln l / ln L) ** lap_gamma``
+    (the first layer the most, layer ``L`` not at all), ``d`` the optimizer's step direction at the
+    FGSM start point; the training loss is taken there and the move is kept (see ``defenses._lap``).
+    The one forward/backward at the start point gives both the FGSM input gradient and the weight
+    gradient, as in the code. The code's recipes (``README.md``, PreAct ResNet-18, 30 epochs, cyclic
+    LR to 0.2, SGD momentum 0.9, wd 5e-4, ``lap_gamma`` 0.3, ``L`` = 21 = its number of conv / linear
+    weights): R-LAP (this objective: ``init="uniform"``, alpha 1.25 eps) ``lap_beta`` 0.002 / 0.03 /
+    0.05 / 0.3 at eps 8 / 12 / 16 / 32 (/255); V-LAP (``init="zero"``, alpha = eps) 0.03 / 0.058 /
+    0.07 / 0.48; its N-LAP (N-FGSM: noise in 2 eps, no projection) has no counterpart here.
+    Differences: the gradients are taken in eval mode (the code: train mode); the optimizer's step
+    is computed, not taken on a copy (the same for SGD; ``-g`` for other optimizers); ``lap_layers``
+    defaults to the model's own number of such weights (the code hard-codes 21 / 35 / 50 per
+    architecture). Under DDP the weight gradient is averaged over the ranks first (every replica
+    moves identically); resume needs no extra state (the momentum buffers are the optimizer's).
+    I could read the code and the abstract, not the paper's Algorithm 1: the sign (the move follows
+    the optimizer's step, a descent direction) and the missing restore are the code's.
+
     Args (keyword-only; ``None`` takes the ``preset``'s value):
         preset: ``"cifar10"`` (eps 8/255, alpha 10/255) or ``"mnist"`` (eps 0.3, alpha 0.375).
         norm, eps, step_size: the threat model and ``alpha`` (1.25 eps in the paper).
         init: ``"uniform"`` (the paper) or ``"zero"`` (plain FGSM training, which overfits).
         co_check, co_every, co_batch, co_steps, co_step_size (None: eps/4), co_drop, co_fgsm_rise,
         co_seed: the overfitting check. early_stop: restore and stop on detection.
+        lap_beta (0: off), lap_gamma (0.3), lap_layers (None: the model's count): LAP.
         label_smoothing / targets: soft labels for the CE (see ``AdversarialObjective``).
     """
 
@@ -85,6 +107,7 @@ class FastAT(AdversarialObjective):
                  step_size: float | str | None = None, init: str = "uniform", co_check: bool = True,
                  co_every: int = 1, co_batch: int = 128, co_steps: int = 5, co_step_size: float | None = None,
                  co_drop: float = 0.2, co_fgsm_rise: bool = True, co_seed: int = 0, early_stop: bool = False,
+                 lap_beta: float = 0.0, lap_gamma: float = 0.3, lap_layers: int | None = None,
                  label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
         self._setup(preset, norm, eps, 1, step_size, label_smoothing, targets)
         if init not in ("uniform", "zero"):
@@ -97,6 +120,10 @@ class FastAT(AdversarialObjective):
         self.co_step_size = check_positive("co_step_size", co_step_size if co_step_size is not None
                                            else self.eps / 4)
         self.co_seed = check_positive("co_seed", co_seed, integer=True, allow_zero=True)
+        self.lap_beta = check_positive("lap_beta", lap_beta, allow_zero=True)
+        self.lap_gamma = check_positive("lap_gamma", lap_gamma)
+        self.lap_layers = None if lap_layers is None else check_positive("lap_layers", lap_layers, integer=True)
+        self._lap_batch: tuple[torch.Tensor, torch.Tensor] | None = None   # (x, x_adv) of this step
         self._detector = OverfitDetector(co_drop, co_fgsm_rise)
         self.co_drop = self._detector.drop
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None   # (P, C, H, W), (P,)
@@ -122,7 +149,35 @@ class FastAT(AdversarialObjective):
         return x_adv.detach()
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._lap_batch is not None and self._lap_batch[0] is x:  # LAP made it in before_loss
+            return self._lap_batch[1]
         return self.fgsm(model, x, y)
+
+    # -- LAP ---------------------------------------------------------------------------
+    def lap_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
+        """LAP: the FGSM point ``x + delta`` ``(B, C, H, W)``, and (in place) the layer-aware move of the
+        weights, from one forward/backward at the start point (eval mode, on the unwrapped model)."""
+        net = unwrap(model)
+        named = [(n, p) for n, p in net.named_parameters() if p.dim() > 1 and "weight" in n and p.requires_grad]
+        params = [p for _, p in named]
+        layers = self.lap_layers if self.lap_layers is not None else len(params)
+        if len(params) > layers:
+            raise InputError(f"fast-at: lap_layers ({layers}) must be at least the model's number of conv / linear "
+                             f"weights ({len(params)}); leave it unset to use that number")
+        x = x.detach()
+        with eval_mode(net), torch.enable_grad():
+            x0 = self.tm.random_start(x) if self.init == "uniform" else x.clone()
+            x0.requires_grad_(True)
+            loss = F.cross_entropy(net(x0).float(), y)                       # the code's mean CE
+            gx, *gw = torch.autograd.grad(loss, [x0, *params], allow_unused=True)
+        x_adv = self.tm.project(self.tm.step(x0.detach(), gx, self.step_size), x)
+        grads = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(gw, params)]
+        if replicated(model):
+            average_across_replicas(grads)                             # the global batch's gradient
+        perturb_layers(params, step_direction(optimizer, params, grads), self.lap_beta,
+                       layer_scales(len(params), layers, self.lap_gamma))
+        return x_adv.detach()
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, Any]]:
@@ -132,6 +187,7 @@ class FastAT(AdversarialObjective):
 
     # -- the catastrophic-overfitting check --------------------------------------------
     def before_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
+        self._lap_batch = (x, self.lap_step(model, x, y, ctx.optimizer)) if self.lap_beta > 0 else None
         if self.co_check and self._probe is None:  # the first training batch (train_fgsm.py: first_batch)
             px, py = x[:self.co_batch].detach().clone(), y[:self.co_batch].detach().clone()   # (P, C, H, W), (P,)
             if replicated(model):  # every rank's slice, in rank order: the same probe on every rank

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import defenses  # noqa: F401  (registers the objectives)
+from defenses._lap import layer_scales, step_direction
 from defenses._overfit import OverfitDetector
 from defenses.fast_at import FastAT
 from defenses.schedules import make_schedule
@@ -226,3 +227,92 @@ def test_the_check_runs_inside_a_weight_perturbation_wrapper(monkeypatch):
     with pytest.warns(RuntimeWarning, match="catastrophic overfitting"):
         hist = _trainer(awp, tiny_model()).fit()
     assert [r["co_detected"] for r in hist] == [0, 1] and hist[1]["co_restored"] == 1
+
+
+# -- LAP (Lin et al. 2024): layer-aware weight perturbation --------------------------------------
+def test_lap_layer_scales_by_hand():
+    assert layer_scales(3, 3, 1.0) == pytest.approx([1.0, 1.0 - math.log(2) / math.log(3), 0.0])
+    s = layer_scales(21, 21, 0.3)                    # the code's PreAct ResNet-18 with the README's gamma
+    assert s[0] == 1.0 and s[-1] == pytest.approx(0.0, abs=1e-12) and all(a > b for a, b in zip(s, s[1:]))
+    assert s[1] == pytest.approx(1.0 - (math.log(2) / math.log(21)) ** 0.3)
+    assert layer_scales(1, 1, 0.3) == [1.0]
+
+
+@pytest.mark.parametrize("kw", [{"momentum": 0.9, "weight_decay": 5e-4}, {"momentum": 0.9, "nesterov": True},
+                                {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2}, {}])
+def test_lap_direction_is_the_optimizers_own_step(kw):
+    """``step_direction`` = (the step SGD takes) / lr, also with a momentum buffer from an earlier step."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.SGD([w], lr=0.1, **kw)
+    for _ in range(2):
+        g = torch.randn(3, 4)
+        (d,) = step_direction(opt, [w], [g])
+        before = w.detach().clone()
+        w.grad = g
+        opt.step()
+        assert torch.allclose(w.detach() - before, 0.1 * d, atol=1e-7)
+    assert torch.equal(step_direction(torch.optim.Adam([w]), [w], [g])[0], -g)      # other optimizers: -g
+
+
+def test_lap_moves_each_layer_by_its_share_and_keeps_the_move(batch):
+    import copy
+
+    from defenses.base import StepContext
+    from robustkit.zoo import create
+
+    x, y = batch
+    torch.manual_seed(0)
+    model = create("ibp-small", 10, (1, 28, 28)).train()
+    names = [n for n, p in model.named_parameters() if p.dim() > 1 and "weight" in n]
+    assert len(names) >= 3
+    start = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    d = FastAT(preset="mnist", lap_beta=0.05, lap_layers=len(names) + 1, co_check=False)
+    ctx = StepContext(0, 1, 0, 1, opt)
+    torch.manual_seed(3)
+    d.before_loss(model, x, y, ctx)
+    lam = layer_scales(len(names), len(names) + 1, 0.3)
+    for n, p in model.named_parameters():                     # |move| = lambda_l * beta * ||w_l||; biases stay
+        moved = float((p.detach() - before[n]).norm())
+        want = lam[names.index(n)] * 0.05 * float(before[n].norm()) if n in names else 0.0
+        assert moved == pytest.approx(want, rel=1e-4, abs=1e-12), n
+    torch.manual_seed(3)
+    fgsm = FastAT(preset="mnist", co_check=False).fgsm(start, x, y)   # the same start, the unmoved weights
+    assert torch.equal(d.perturb(model, x, y), fgsm)                  # the cached FGSM point of this step
+    loss, _ = d.loss(model, x, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d.after_step(model, ctx)
+    assert all(torch.equal(p.detach(), after[n]) for n, p in model.named_parameters())   # the move is kept
+    with pytest.raises(InputError, match="lap_layers"):
+        FastAT(preset="mnist", lap_beta=0.05, lap_layers=len(names) - 1).before_loss(model, x, y, ctx)
+    for bad in ({"lap_beta": -1.0}, {"lap_gamma": 0.0}, {"lap_layers": 0}):
+        with pytest.raises(InputError):
+            FastAT(preset="mnist", **bad)
+
+
+def test_lap_trains_and_resumes_exactly(tmp_path):
+    from tests._interrupt import Interrupt, small_trainer
+
+    def lap() -> FastAT:
+        return FastAT(preset="mnist", lap_beta=0.01, co_batch=16)
+
+    ref_model, ref = small_trainer(RunDir(tmp_path / "ref").create("{}"), lap(), 3)
+    hist = ref.fit()
+    assert all(math.isfinite(r["train_loss"]) for r in hist) and "co_pgd_acc" in hist[-1]
+    run = RunDir(tmp_path / "int").create("{}")
+    _, t = small_trainer(run, Interrupt(lap(), at=7), 3)         # epoch 2 of 2, mid-epoch; last checkpoint at step 6
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    torch.manual_seed(123)
+    model, t2 = small_trainer(run, lap(), 3)
+    t2.fit(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()))
+    plain_model, plain = small_trainer(None, FastAT(preset="mnist", co_batch=16), 0)
+    plain.fit()
+    assert not all(torch.equal(a, b) for a, b in zip(ref_model.state_dict().values(),
+                                                     plain_model.state_dict().values()))   # LAP did something

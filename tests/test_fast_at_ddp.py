@@ -11,7 +11,8 @@ asked to stop, the last epoch trained, SHA-256s of the probe batch and of the fi
   (second launch) ``resume``: that run resumed;
 - ``skewed``: each rank's *local* probe accuracies are replaced by rank-dependent values (as if the
   ranks had probed different images or run non-deterministic kernels) such that rank 0 alone
-  would detect a collapse at the 3rd check and rank 1 alone would not.
+  would detect a collapse at the 3rd check and rank 1 alone would not; with LAP on (its weight
+  moves use the rank-averaged gradient, so the replicas stay identical).
 
 Checked: both ranks record the same accuracies, detections, stop, probe and weights; in ``skewed``
 both detect at the 3rd check (the averaged accuracies), restore and stop there; the resumed run
@@ -42,7 +43,7 @@ TRAIN = ["train", "--arch", "ibp-small", "--dataset", "mnist5k", "--defense", "f
          "--set", "eval.best_by=clean_accuracy", "--checkpoint-every", "10", "--device", "cpu", "--seed", "0",
          "--set", "defense.params.preset=mnist", "--set", "defense.params.co_batch=64",
          "--set", "defense.params.co_drop=0.05", "--set", "defense.params.early_stop=true"]
-SKEWED = ["--epochs", "5", "--set", "data.n_train=256"]
+SKEWED = ["--epochs", "5", "--set", "data.n_train=256", "--set", "defense.params.lap_beta=0.01"]   # with LAP
 # (PGD, FGSM) accuracies per check seen by rank 0 / rank 1. Averaged: 0.5 -> 0.28 (FGSM 0.55 -> 0.75) at
 # the 3rd check, a collapse; rank 0 alone: 0.5 -> 0.1, a collapse; rank 1 alone: 0.5 -> 0.46, none.
 LOCAL = [[(0.3, 0.35), (0.5, 0.55), (0.1, 0.9), (0.1, 0.9), (0.1, 0.9)],
