@@ -251,9 +251,11 @@ def _schur(m: nn.Module, shape: Shape) -> float:
     """``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` for the nonnegative linear pooling ``A`` on ``shape``:
     row sums ``A 1``, column sums ``A^T 1`` (one vector-Jacobian product). Exact for
     non-overlapping windows (``1/k``) and for the global average (``1/sqrt(HW)``)."""
-    x = torch.ones(1, *shape, dtype=torch.float64)
-    out, vjp = torch.func.vjp(m, x)
-    return ROUNDING * math.sqrt(float(out.max()) * float(vjp(torch.ones_like(out))[0].max()))
+    x = torch.ones(1, *shape, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        out = m(x)
+        (cols,) = torch.autograd.grad(out.sum(), x)
+    return ROUNDING * math.sqrt(float(out.max()) * float(cols.max()))
 
 
 # -- the built-in residual nets (robustkit/nets.py), by their forward ----------------------------

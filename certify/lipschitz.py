@@ -23,7 +23,8 @@ residual blocks as ``L(branch) + L(shortcut)`` (``1 + L(branch)`` for the identi
 within a factor ``rank^(2^-10)`` of the circular operator's norm, ~1.005 for rank 100).
 
 The constant depends only on the weights and the input size: it is computed once per model
-(cached, keyed by ``robustkit.zoo.fingerprint`` of the weights, the input shape and
+(cached, keyed by ``robustkit.zoo.fingerprint`` of the weights, a hash of the module's
+``repr`` -- strides, kernel sizes and the like are not weights --, the input shape and
 ``gram_iters``) and reported per image in the certificate's info (``lipschitz_constant``, also
 ``margin``) and so in the pipeline's results. A certificate then costs one forward pass.
 
@@ -34,6 +35,7 @@ forward pass that computes the margin; radii are capped at the diameter of the [
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -96,7 +98,8 @@ def lipschitz_constant(model: nn.Module, input_shape: tuple[int, ...] | None = N
     gram_iters = integer("gram_iters", gram_iters, 0, 30)
     shape = _input_shape(model, input_shape)
     inner = unwrap(model)
-    key = (fingerprint(inner), type(inner).__qualname__, shape, gram_iters)
+    # the weights *and* the structure (strides, kernel sizes, eps, ...: not in the state dict)
+    key = (fingerprint(inner), hashlib.sha256(repr(inner).encode()).hexdigest(), shape, gram_iters)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -164,6 +167,11 @@ class LipschitzCertifier:
 
     def params(self) -> dict[str, object]:
         return {"norm": self.norm, "eps": self.eps, "gram_iters": self.gram_iters, "batch_size": self.batch_size}
+
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Compute (and cache) the model's constant up front: the pipeline calls this before it writes
+        anything, so an unsupported model is refused first."""
+        lipschitz_constant(model, input_shape, gram_iters=self.gram_iters)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, *, seeds: torch.Tensor | None = None) -> Certificate:
         """Certificates for ``x (B, C, H, W)`` in [0, 1]; ``seeds`` is ignored (deterministic)."""

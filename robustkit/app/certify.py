@@ -168,6 +168,8 @@ def certify_points(model: nn.Module, data: Points, certifier: Certifier, *, chun
     chunk = default_chunk(certifier) if chunk is None else integer("chunk", chunk, 1)
     integer("seed", seed)
     check_enough(len(data.index), "images")
+    if callable(getattr(certifier, "prepare", None)):       # optional: reject the model before anything is written
+        certifier.prepare(model, tuple(data.x.shape[1:]))
     key = _resume_key(model, data, certifier, seed)
     store = UnitStore(Path(out) / PARTS, key) if out is not None else None
     local: dict[int, dict[str, Any]] = {}
