@@ -316,3 +316,15 @@ def test_lap_trains_and_resumes_exactly(tmp_path):
     plain.fit()
     assert not all(torch.equal(a, b) for a, b in zip(ref_model.state_dict().values(),
                                                      plain_model.state_dict().values()))   # LAP did something
+
+
+def test_lap_recipe_builds():
+    from pathlib import Path
+
+    from robustkit.app.train import build_defense
+    from robustkit.config import TrainConfig, load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "train_fast-at-lap_cifar10.yaml", cls=TrainConfig)
+    d = build_defense(cfg)
+    assert isinstance(d, FastAT) and (d.lap_beta, d.lap_gamma, d.lap_layers, d.init) == (0.002, 0.3, None, "uniform")
+    assert d.step_size == pytest.approx(1.25 * d.eps) and cfg.epochs == 30 and cfg.optim.lr == 0.2
