@@ -124,31 +124,35 @@ def low_confidence_loss(logits: torch.Tensor, scale: float = 100.0) -> torch.Ten
 
 def _bpda_pgd(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
               step_size: float, restarts: int, goal: str, generator: torch.Generator | None) -> torch.Tensor:
-    """``(B,)`` bool: some checked iterate reached ``goal`` (``"accept-wrong"`` or ``"reject"``)."""
+    """``(B,)`` bool: some checked iterate reached ``goal`` (``"accept-wrong"`` or ``"reject"``). Images that
+    reached it leave the active batch (the cost tracks the images still standing)."""
     tm = ThreatModel(cpr.norm, eps)
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-    def reached(u: torch.Tensor, rej: Rejection) -> torch.Tensor:
-        return (~rej.rejected & (rej.pred != y)) if goal == "accept-wrong" else rej.rejected
-
     for _ in range(restarts):
-        x_adv = tm.random_start(x, generator)
+        idx = (~found).nonzero().squeeze(1)                                 # (A,) images still standing
+        if idx.numel() == 0:
+            break
+        x0, y0 = x[idx], y[idx]
+        x_adv = tm.random_start(x0, generator)
         for t in range(steps + 1):
-            rej = cpr(model, x_adv)                                         # (B,) decisions at the iterate
-            found |= reached(x_adv, rej)
-            if t == steps or bool(found.all()):
+            rej = cpr(model, x_adv)                                         # (A,) decisions at the iterate
+            hit = (~rej.rejected & (rej.pred != y0)) if goal == "accept-wrong" else rej.rejected
+            found[idx[hit]] = True
+            keep = ~hit
+            if t == steps or not bool(keep.any()):
                 break
-            shift = (rej.x_rej - x_adv).detach()                            # BPDA: CPR's perturbation, constant
+            idx, x0, y0, x_adv = idx[keep], x0[keep], y0[keep], x_adv[keep]
+            shift = (rej.x_rej[keep] - x_adv).detach()                      # BPDA: CPR's perturbation, constant
             with eval_mode(model), torch.enable_grad():
                 u = x_adv.detach().requires_grad_(True)
-                z, zt = model(u), model(u + shift)
+                z, zt = model(u), model(u + shift)                          # (A, K) each
                 if goal == "accept-wrong":
-                    loss = F.cross_entropy(z.float(), y, reduction="sum") + \
-                        F.cross_entropy(zt.float(), y, reduction="sum")
+                    loss = F.cross_entropy(z.float(), y0, reduction="sum") + \
+                        F.cross_entropy(zt.float(), y0, reduction="sum")
                 else:
                     loss = (low_confidence_loss(z) + low_confidence_loss(zt)).sum()
                 (grad,) = torch.autograd.grad(loss, [u])
-            x_adv = tm.project(tm.step(u.detach(), grad, step_size), x)
+            x_adv = tm.project(tm.step(u.detach(), grad, step_size), x0)
     return found
 
 
