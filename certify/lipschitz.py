@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -93,8 +94,6 @@ def lipschitz_constant(model: nn.Module, input_shape: tuple[int, ...] | None = N
     ``(C, H, W)`` = ``input_shape`` (default ``model.input_shape``). Deterministic; cached by the
     weights' fingerprint. Runs the model in eval mode (restored). ``UnsupportedLayerError`` (an
     ``InputError``) names the first module without a rule."""
-    import time
-
     gram_iters = integer("gram_iters", gram_iters, 0, 30)
     shape = _input_shape(model, input_shape)
     inner = unwrap(model)
@@ -113,6 +112,12 @@ def lipschitz_constant(model: nn.Module, input_shape: tuple[int, ...] | None = N
     return bound
 
 
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float64 top-1 minus top-2 logit."""
+    top = logits.double().topk(2, dim=1).values                                    # (B, 2)
+    return top[:, 0] - top[:, 1]
+
+
 def certified_radius(logits: torch.Tensor, lipschitz: float, norm: str = "l2", dim: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prediction (B,), radius (B,) float64)`` from ``logits (B, K)`` and the L2 Lipschitz bound:
@@ -123,8 +128,7 @@ def certified_radius(logits: torch.Tensor, lipschitz: float, norm: str = "l2", d
         raise InputError(f"logits must be (B, K) with K >= 2, got {tuple(logits.shape)}")
     if norm == "linf" and dim is None:
         raise InputError("the L-inf radius needs the input dimension dim = C * H * W")
-    top = logits.double().topk(2, dim=1).values                                    # (B, 2)
-    margin = top[:, 0] - top[:, 1]                                                  # (B,) >= 0
+    margin = _margin(logits)                                                        # (B,) >= 0
     radius = margin / (math.sqrt(2.0) * lipschitz) if lipschitz > 0 else torch.full_like(margin, math.inf)
     if norm == "linf":
         radius = radius / math.sqrt(dim)
@@ -184,10 +188,9 @@ class LipschitzCertifier:
             for i in range(0, x.shape[0], self.batch_size):
                 logits = model(x[i:i + self.batch_size])                              # (b, K)
                 pred, radius = certified_radius(logits, bound.value, self.norm, dim)
-                top = logits.double().topk(2, dim=1).values
                 preds.append(pred)
                 radii.append(radius)
-                margins.append(top[:, 0] - top[:, 1])
+                margins.append(_margin(logits))
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
         radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64, device=x.device)
         margin = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64, device=x.device)
