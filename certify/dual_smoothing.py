@@ -91,7 +91,8 @@ class DualSmoothingCertifier:
     Keyword-only settings, defaults as in Cohen et al. (the paper follows them): ``sigma=0.25``,
     ``n0=100``, ``n=100_000``, ``alpha=0.001``; ``batch_size`` noisy sub-images per forward pass;
     ``sequential`` / ``tol`` / ``first`` / ``growth``: ``Smooth.certify``'s anytime-valid early stopping,
-    per branch (each branch's radius within ``tol``, so ``R`` within ``sqrt(2) * tol``); ``amp``: CUDA autocast.
+    per branch (each branch's radius within ``tol``, so ``R`` within ``sqrt(2) * tol``; a branch whose upper
+    bound falls below 1/2 stops there, its bound looser but valid); ``amp``: CUDA autocast.
 
     Guarantee: per image, with probability at least ``1 - alpha`` over the noise (``alpha / 2`` per
     branch, union bound), if the certificate does not abstain then ``g`` (the mean of the two smoothed

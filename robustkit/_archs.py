@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import robustkit.composite  # noqa: F401  (registers the composite nets: dual-subimage, denoised)
 import robustkit.nets  # noqa: F401  (registers the built-in nets)
 from robustkit.errors import IncompatibleError, InputError
 from robustkit.modes import device_of

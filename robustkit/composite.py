@@ -2,7 +2,8 @@
 
 Both are built-in nets of ``MODELS`` so that ``save`` / ``load`` rebuild them from ``model.json``
 (the sub-networks' architectures are ``arch_kwargs``); ``certify`` and ``defenses`` read their parts.
-They live in the core because ``load`` (core) must rebuild them and the core imports nothing above it.
+They live in the core because ``load`` (core) must rebuild them and the core imports nothing above it;
+``robustkit/__init__.py`` imports this module (after the zoo) so that they are always registered.
 
 - ``dual-subimage`` (``DualSubimageNet``): the model side of dual randomized smoothing (Xia et al.,
   "Mitigating the Curse of Dimensionality for Certified Robustness via Dual Randomized Smoothing",
@@ -32,6 +33,7 @@ from torch import nn
 
 from robustkit.errors import InputError
 from robustkit.registry import MODELS
+from robustkit.zoo import RobustModel, create, unwrap
 
 Shape = tuple[int, int, int]
 
@@ -64,8 +66,6 @@ def checkerboard_merge(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def _sub_model(arch: str, num_classes: int, shape: Shape, kwargs: dict[str, Any] | None,
                mean: Sequence[float] | None, std: Sequence[float] | None, resize: Any = None) -> nn.Module:
-    from robustkit.zoo import create  # the zoo imports this module (through _archs): import when building
-
     if not isinstance(arch, str) or not arch:
         raise InputError(f"a composite's sub-network needs an architecture name, got {arch!r}")
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -107,8 +107,6 @@ def dual_model(left: nn.Module, right: nn.Module) -> nn.Module:
     """The ``dual-subimage`` composite of two trained sub-image classifiers (``RobustModel``s of the same
     architecture, inputs ``(C, H, W / 2)``); their weights are copied. Returns a ``RobustModel`` of
     inputs ``(C, H, W)``."""
-    from robustkit.zoo import RobustModel, create, unwrap
-
     left, right = unwrap(left), unwrap(right)
     if not (isinstance(left, RobustModel) and isinstance(right, RobustModel)):
         raise InputError("dual_model takes two RobustModels (the sub-image classifiers)")
@@ -175,8 +173,6 @@ def denoised(num_classes: int = 10, input_shape: Shape = (1, 28, 28), classifier
 def denoised_model(classifier: nn.Module, *, depth: int = 17, width: int = 64) -> nn.Module:
     """The ``denoised`` composite of a trained ``classifier`` (a ``RobustModel``; its weights are copied)
     and a fresh DnCNN denoiser. Train the denoiser with ``denoiser-mse`` / ``denoiser-stab``."""
-    from robustkit.zoo import RobustModel, create, unwrap
-
     clf = unwrap(classifier)
     if not isinstance(clf, RobustModel):
         raise InputError(f"denoised_model takes a RobustModel classifier, got {type(classifier).__name__}")
@@ -190,7 +186,5 @@ def denoised_model(classifier: nn.Module, *, depth: int = 17, width: int = 64) -
 
 def parts(model: nn.Module, kind: type[nn.Module]) -> nn.Module | None:
     """The composite net of type ``kind`` inside ``model`` (a ``RobustModel``, maybe DDP-wrapped), or None."""
-    from robustkit.zoo import unwrap
-
     net = getattr(unwrap(model), "net", None)
     return net if isinstance(net, kind) else None
