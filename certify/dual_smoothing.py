@@ -23,7 +23,10 @@ sub-dimensions, the rate of the paper's abstract. One side may be below 1/2 (``r
 ``sqrt(R_l^2 + R_r^2)`` (each ``R_s`` clipped at 0), which exceeds ``R`` unless ``r_l = r_r`` and is
 not implied by the two sub-certificates for this ``g`` (an adversary spending its whole budget on the
 weaker side breaks it earlier); we follow the derivation above. The official code also bounds each
-side at level ``alpha``; we use ``alpha / 2`` per side so that the union bound gives ``1 - alpha``.
+side at level ``alpha``; we use ``alpha / 2`` per side so that the union bound gives ``1 - alpha``. Its
+sub-classifiers see the noisy sub-image scattered back into a full-size masked image (holes filled from
+a 2x2 max-pool); ours see the compact ``(C, H, W/2)`` sub-image -- either is a function of the noisy
+sub-image alone, which is all the certificate needs (a network can upsample inside).
 
 The Monte-Carlo core is the one of ``certify.smoothing`` (``Smooth``: per-image noise streams, one
 ``bincount`` per batch, Clopper--Pearson, the sequential checkpoint confidence sequence): ``cAHat``
