@@ -95,7 +95,9 @@ def test_certified_radius_fails_at_most_alpha(sequential, pl, pr):
                                rtol=1e-9)
     samples = cert.info["samples"]
     assert (samples <= 2 * (50 + 1000)).all() and (samples > 100).all()
-    if not sequential:
+    if sequential:
+        assert samples.float().mean() < 2 * (50 + 1000)                         # some branches stopped early
+    else:
         assert (samples == 2 * (50 + 1000)).all()
     if (pl, pr) == (0.9, 0.6):
         # the official code's sqrt(R_l^2 + R_r^2) overshoots g's radius whenever the sides differ
