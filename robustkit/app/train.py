@@ -246,7 +246,8 @@ def train(cfg: TrainConfig, out: str | Path, device: torch.device, resume: bool 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, device)
         defense = build_defense(cfg)
-        defense.check_run(cfg.epochs)  # e.g. DAFA's warm-up must end before the last epoch
+        if callable(getattr(defense, "check_run", None)):
+            defense.check_run(cfg.epochs)  # e.g. DAFA's warm-up must end before the last epoch
         for d in (defense, getattr(defense, "inner", None)):   # an objective that needs a kind of model (denoiser-*)
             if callable(getattr(d, "check_model", None)):
                 d.check_model(model)
