@@ -3,17 +3,18 @@
 Gram iteration: ``G_1 = A``, ``G_{t+1} = G_t^H G_t``. Since the singular values of ``G_{t+1}`` are
 those of ``G_t`` squared, ``||G_{t+1}||_F^{2^-t} = (sum_i sigma_i^{2^(t+1)})^{2^-(t+1)}`` -- an
 upper bound on ``sigma_1(A)`` for every ``t`` (t = 0 is the Frobenius norm) that converges
-super-linearly, to within a factor ``rank^{2^-t}`` (the paper's Theorem 1). Each step is
-rescaled to unit Frobenius norm and the scale kept in log space (as in the paper's Algorithm 1)
-so nothing overflows. We compute in float64.
+super-linearly: it is within a factor ``rank^(2^-(t+1))`` of ``sigma_1``. Each step is rescaled to
+unit Frobenius norm and the scale kept in log space (as in the paper's algorithm), so nothing
+overflows. We compute in float64.
 
-A 2-D convolution is handled in the Fourier domain (the paper's Section 4, after Sedghi et al.
-2019): a *circular* multi-channel convolution on an ``M_h x M_w`` grid is block-diagonalized by
-the 2-D DFT, so its spectral norm is the max over the ``M_h * M_w`` frequencies of the spectral
-norm of the ``c_out x c_in`` matrix ``K_hat(w)``; Gram iteration runs batched over frequencies
-(only half of them, ``rfft2``: ``K_hat(-w) = conj(K_hat(w))`` for a real kernel, same singular
-values). The paper bounds the circular operator; PyTorch's layers differ, so ``conv2d_bound``
-reduces the layer actually used to a circular one it is a restriction of:
+A 2-D convolution is handled in the Fourier domain (as in the paper, after Sedghi et al., "The
+Singular Values of Convolutional Layers", ICLR 2019): a *circular* multi-channel convolution on
+an ``M_h x M_w`` grid is block-diagonalized by the 2-D DFT, so its spectral norm is the max over
+the ``M_h * M_w`` frequencies of the spectral norm of the ``c_out x c_in`` matrix ``K_hat(w)``;
+Gram iteration runs batched over frequencies (only half of them, ``rfft2``: ``K_hat(-w) =
+conj(K_hat(w))`` for a real kernel, same singular values). The paper bounds the circular
+operator; PyTorch's layers differ, so ``conv2d_bound`` reduces the layer actually used to a
+circular one it is a restriction of:
 
 - zero padding ``p``, stride 1: the output is a crop of the circular convolution, on a grid of the
   padded size ``N = n + p_left + p_right``, of the input embedded in zeros. No output the layer
@@ -29,7 +30,7 @@ reduces the layer actually used to a circular one it is a restriction of:
 - groups: block-diagonal over groups, so the max over groups (batched with the frequencies).
 - non-zero ``padding_mode`` (reflect / replicate / circular): the padding is a 0/1 selection
   ``P`` with ``||P|| = sqrt(max copies of one pixel)`` (``P^T P`` is diagonal), counted exactly by
-  one vector-Jacobian product; the valid convolution on the padded image is bounded as above.
+  one backward pass; the valid convolution on the padded image is bounded as above (loose, ~2x).
   Exception: ``circular`` padding by exactly ``k_eff - 1`` in total with the stride dividing the
   input size *is* the circular convolution on the input's own grid (shifted), bounded directly.
 
@@ -37,9 +38,11 @@ Floating point: every bound is multiplied by ``1 + 1e-9`` (``ROUNDING``), far ab
 rounding of the FFT and the products (~1e-15 relative, measured against exact SVDs), so a bound
 computed here is never below the true norm because of rounding.
 
-The official code (``blaisedelattre/lip4conv``, ``compute_delattre2023``) takes one grid size ``n``
-for the circular operator and ignores stride, dilation, groups and padding; the reductions above
-are ours. Its default is 4-6 iterations (for training speed); certification affords more.
+The official code (``blaisedelattre/lip4conv``, ``bounds.py: compute_delattre2023``) bounds the
+circular operator for one grid size ``n`` (default ``n_iter=4``; its training example uses 6) and
+has no stride, dilation, groups or padding handling; the reductions above are ours (the authors'
+later paper, arXiv:2402.00240, bounds zero-padded layers differently). We default to 10
+iterations (``certify.lipschitz``): certification runs once per model and affords them.
 """
 
 from __future__ import annotations
