@@ -199,9 +199,12 @@ def test_cli_writes_results_heatmap_and_robustbench_files(only_corruptions, mode
     assert "mean corruption accuracy" in capsys.readouterr().out
     # the baseline as an earlier run's results.json: the same numbers, on the same images
     again = tmp_path / "again"
-    assert _run("--model", model_dir, "--baseline", str(out / "results.json"), "--n", "6", "--out", str(again)) == 0
+    assert _run("--model", model_dir, "--baseline", str(out / "results.json"), "--n", "6", "--corruptions",
+                "fog,glass_blur", "--severities", "2,5", "--out", str(again)) == 0
     res2 = json.loads((again / "results.json").read_text())
-    assert res2["corruption_accuracy"] == res["corruption_accuracy"] and res2["mce"] == pytest.approx(100)
+    assert res2["corruption_accuracy"] == {c: {s: res["corruption_accuracy"][c][s] for s in ("2", "5")}
+                                           for c in ("glass_blur", "fog")}
+    assert res2["mce"] == pytest.approx(100) and res2["severities"] == [2, 5]
 
 
 @pytest.mark.parametrize("argv,match", [
