@@ -93,7 +93,7 @@ CONVS = [  # (c_in, c_out, kernel, stride, padding, dilation, groups, padding_mo
 @pytest.mark.parametrize("spec", CONVS, ids=lambda s: "-".join(map(str, s)))
 def test_conv_bound_is_sound(spec):
     cin, cout, k, s, p, d, g, mode = spec
-    torch.manual_seed(hash(str(spec)) % 1000)
+    torch.manual_seed(sum(map(ord, str(spec))))                                 # deterministic per spec
     conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode).double()
     for hw in ((7, 9), (8, 8)):
         exact = _exact(lambda t: conv(t) - conv(torch.zeros_like(t)), (cin, *hw))
