@@ -217,7 +217,9 @@ def _ddp_worker(out: str) -> None:
 def test_ddp_weights_identical_on_every_rank(tmp_path):
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))   # the worker imports tests.*
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
                           cwd=str(Path(__file__).parent.parent))
     assert proc.returncode == 0, proc.stderr[-2000:]
