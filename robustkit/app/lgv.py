@@ -81,7 +81,7 @@ def collect_lgv(model: str | Path | RobustModel, out: str | Path, *, dataset: st
     out = Path(out)
     if (out / COLLECTION).exists():
         raise InputError(f"{out / COLLECTION} exists: choose a new --out for another collection")
-    source = None if isinstance(model, nn.Module) else str(resolve_model_dir(model))
+    source = None if isinstance(model, nn.Module) else str(resolve_model_dir(model).resolve())
     net = copy.deepcopy(model) if isinstance(model, nn.Module) else load(model)
     if not isinstance(net, RobustModel):
         raise InputError(f"LGV needs a RobustModel (saved with robustkit.zoo.save), got {type(net).__name__}")
