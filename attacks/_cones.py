@@ -78,7 +78,10 @@ class DirectedStart(ThreatModel):
     start: torch.Tensor | None = None                                         # (R, C, H, W)
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        assert self.start is not None and self.start.shape == x.shape
+        if self.start is None or self.start.shape != x.shape:
+            held = None if self.start is None else tuple(self.start.shape)
+            raise RuntimeError(f"DirectedStart holds starts for {held}, the loop asked for {tuple(x.shape)} "
+                               "(one copy per row expected)")
         return (x + self.start).clamp(0.0, 1.0)
 
 

@@ -203,7 +203,8 @@ def test_benchmark_reports_sparsity(tiny_mnist_model: Any, tmp_path: Path) -> No
     assert sp["n_vulnerable"] == len([i for i in broken if i < 8])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["models"][0]["adversarial_sparsity"]["mean"] == sp["mean"]
-    assert "| sparsity |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| sparsity |" in report and "- adversarial sparsity: " in report
     assert "adversarial_sparsity" in res["models"][0]["seconds"]
 
 

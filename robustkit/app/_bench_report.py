@@ -254,6 +254,12 @@ def _model_section(e: dict[str, Any]) -> str:
         aa = e["autoattack"]
         text.append(f"\nAutoAttack: {aa.get('package')} {aa.get('package_version')}, version {aa.get('version')}, "
                     f"attacks {', '.join(aa.get('attacks') or [])}.\n")
+    if e.get("adversarial_sparsity"):
+        sp = e["adversarial_sparsity"]
+        val = ("n/a (no vulnerable point)" if sp["mean"] is None
+               else f"mean {fmt(sp['mean'])}, median {fmt(sp['median'])}")
+        text.append(f"\n- adversarial sparsity: {val} over {sp['n_vulnerable']} vulnerable of the first {sp['n']} "
+                    f"points ({sp['directions']} directions; 1 = no constrained attack succeeds)\n")
     for c, r in e["certified"].items():
         val = (f"certified accuracy {fmt(r['certified_acc'])} at eps" if "certified_acc" in r else
                _curve_text(r) if r.get("status") == "ok" else f"n/a ({r.get('reason')})")
