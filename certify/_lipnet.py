@@ -95,6 +95,9 @@ class Walk:
         self.value = 1.0
         self.pending: torch.Tensor | None = None      # (C,) nonneg scale on the channels / features
         self.layers: list[LayerBound] = []
+        self.head: nn.Module | None = None            # the final Linear whose weight is kept (``network_bound``)
+        self.head_weight: torch.Tensor | None = None  # (K, D) float64, pending scale folded in
+        self.head_bound = 1.0
 
     # -- bookkeeping ------------------------------------------------------------------------
     def factor(self, path: str, kind: str, bound: float) -> None:
@@ -192,6 +195,8 @@ class Walk:
             if out_scale is not None:
                 w = w * out_scale.to(w.device).view(-1, 1)
             bound = matrix_bound(w, self.n_iter)
+            if m is self.head and out_scale is None and len(self.shape) == 1:
+                self.head_weight, self.head_bound = w, bound
         self.factor(path, type(m).__name__ + tag + (" (input scale folded)" if a is not None else ""), bound)
         self.run(m)
 
@@ -292,10 +297,44 @@ _NETS: dict[type[nn.Module], Callable[[Walk, nn.Module, str], None]] = {
     PreActBlock: _preact_block, PreActResNet: _resnet, WideResNet: _resnet}
 
 
-def network_bound(model: nn.Module, shape: Shape, n_iter: int) -> tuple[float, list[LayerBound]]:
-    """``(L, per-layer factors)``: an upper bound on the L2 Lipschitz constant of ``model`` on inputs
-    of ``shape = (C, H, W)`` (the product of the factors). The model must be in eval mode."""
+def _final_linear(model: nn.Module) -> nn.Module | None:
+    """The plain ``nn.Linear`` whose output is the logits (trailing Identity / Dropout aside), else None."""
+    m = model.net if isinstance(model, RobustModel) else model
+    while not callable(getattr(m, "lipschitz_bound", None)):
+        if _plain_sequential(m):
+            kids = list(m.children())
+            while kids and _is(kids[-1], nn.Identity, nn.Dropout):
+                kids.pop()
+            if not kids:
+                return None
+            m = kids[-1]
+        elif type(m) in (PreActResNet, WideResNet):
+            m = m.linear if type(m) is PreActResNet else m.fc
+        else:
+            return m if _is(m, nn.Linear) else None
+    return None
+
+
+@dataclass(frozen=True)
+class NetBound:
+    """``value``: the network's L2 Lipschitz bound; ``layers``: the per-layer factors (inside a residual
+    block the components are listed before the block's own factor ``L(branch) + L(shortcut)``, which
+    is what multiplies); ``body`` and ``head_weight``: where the logits are a final Linear ``W'`` (any
+    pending scale folded in, ``(K, D)``) of a ``body``-Lipschitz feature map, else None."""
+
+    value: float
+    layers: list[LayerBound]
+    body: float | None
+    head_weight: torch.Tensor | None
+
+
+def network_bound(model: nn.Module, shape: Shape, n_iter: int) -> NetBound:
+    """An upper bound on the L2 Lipschitz constant of ``model`` on inputs of ``shape = (C, H, W)`` (the
+    product of the factors), and the split ``body`` x final Linear when there is one. Eval mode."""
     w = Walk(shape, n_iter)
+    w.head = _final_linear(model)
     w.visit(model, "model")
     w.flush("model (end)")
-    return w.value, w.layers
+    if w.head_weight is None:
+        return NetBound(w.value, w.layers, None, None)
+    return NetBound(w.value, w.layers, w.value / w.head_bound * ROUNDING, w.head_weight.cpu())

@@ -8,7 +8,10 @@ prediction ``i = argmax f(x)`` cannot change within
                                                               Training", NeurIPS)
 
 i.e. every ``x'`` with ``||x' - x||_2 < r_2(x)`` gets the same label (a point exactly at the radius
-may tie). ``norm="linf"`` reports ``r_2 / sqrt(d)`` (``||v||_2 <= sqrt(d) ||v||_inf``, ``d = C H W``):
+may tie). With ``pairwise=True`` the radius is the larger of that and the per-class-pair radius
+``min_j (f_top - f_j) / (L_body ||W_top - W_j||_2)`` when the logits are a final Linear ``W`` of an
+``L_body``-Lipschitz feature map (Leino et al., "Globally-Robust Neural Networks", ICML 2021).
+``norm="linf"`` reports ``r_2 / sqrt(d)`` (``||v||_2 <= sqrt(d) ||v||_inf``, ``d = C H W``):
 sound but much looser than a certifier made for L-inf (IBP).
 
 ``L`` is the product of per-layer spectral-norm upper bounds (``certify/_lipnet.py``): Conv2d
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from certify._gram import ROUNDING
 from certify._layers import UnsupportedLayerError
 from certify._lipnet import LayerBound, network_bound
 from certify.base import Certificate
@@ -56,7 +60,7 @@ from robustkit.validate import integer, number
 from robustkit.zoo import fingerprint, unwrap
 
 __all__ = ["LipschitzBound", "LipschitzCertifier", "UnsupportedLayerError", "certified_radius",
-           "lipschitz_constant"]
+           "lipschitz_constant", "pairwise_radius"]
 DEFAULT_GRAM_ITERS = 10
 _CACHE: OrderedDict[tuple, LipschitzBound] = OrderedDict()
 _CACHE_SIZE = 16
@@ -72,10 +76,12 @@ class LipschitzBound:
     input_shape: tuple[int, ...]
     gram_iters: int
     seconds: float
+    body: float | None = None                 # L of the features before a final Linear (None: no such split)
+    pair_norms: torch.Tensor | None = None    # (K, K) float64 ||W'_i - W'_j||_2 of that Linear (upper bounds)
 
     def as_dict(self) -> dict[str, object]:
-        return {"value": self.value, "input_shape": list(self.input_shape), "gram_iters": self.gram_iters,
-                "seconds": self.seconds,
+        return {"value": self.value, "body": self.body, "input_shape": list(self.input_shape),
+                "gram_iters": self.gram_iters, "seconds": self.seconds,
                 "layers": [{"path": b.path, "kind": b.kind, "bound": b.bound} for b in self.layers]}
 
 
@@ -105,8 +111,13 @@ def lipschitz_constant(model: nn.Module, input_shape: tuple[int, ...] | None = N
         return _CACHE[key]
     t0 = time.perf_counter()
     with torch.no_grad(), eval_mode(inner):
-        value, layers = network_bound(inner, shape, gram_iters)
-    bound = LipschitzBound(value, tuple(layers), shape, gram_iters, time.perf_counter() - t0)
+        net = network_bound(inner, shape, gram_iters)
+        pairs = None
+        if net.head_weight is not None:                                            # (K, D)
+            w = net.head_weight
+            pairs = ROUNDING * (w.unsqueeze(0) - w.unsqueeze(1)).norm(dim=2)       # (K, K), 0 on the diagonal
+    bound = LipschitzBound(net.value, tuple(net.layers), shape, gram_iters, time.perf_counter() - t0, net.body,
+                           pairs)
     _CACHE[key] = bound
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -138,6 +149,22 @@ def certified_radius(logits: torch.Tensor, lipschitz: float, norm: str = "l2", d
     return logits.argmax(dim=1), radius
 
 
+def pairwise_radius(logits: torch.Tensor, bound: LipschitzBound) -> torch.Tensor:
+    """``(B,)`` float64 L2 radius ``min_{j != top} (z_top - z_j) / (L_body ||W'_top - W'_j||_2)``: each
+    margin ``z_i - z_j = (W'_i - W'_j) h(x) + const`` is ``L_body ||W'_i - W'_j||``-Lipschitz (the
+    pairwise constants of Leino et al., "Globally-Robust Neural Networks", ICML 2021). Never below the
+    global ``margin / (sqrt(2) L)`` up to rounding, since ``||W'_i - W'_j|| <= sqrt(2) ||W'||``."""
+    if bound.pair_norms is None or bound.body is None:
+        raise InputError("pairwise radii need logits that are the output of a final nn.Linear")
+    z = logits.double()                                                             # (B, K)
+    top = z.argmax(dim=1)                                                           # (B,)
+    gap = z.gather(1, top.view(-1, 1)) - z                                          # (B, K) >= 0
+    lip = bound.body * bound.pair_norms.to(z.device)[top]                           # (B, K)
+    r = torch.where(lip > 0, gap / lip.clamp_min(1e-300), torch.where(gap > 0, math.inf, 0.0))
+    r = r.scatter(1, top.view(-1, 1), math.inf)                                     # j != top
+    return r.min(dim=1).values
+
+
 @CERTIFIERS.register("lipschitz", help="Lipschitz margin (Gram iteration, Delattre et al. 2023): deterministic L2 "
                                        "radius, one forward pass")
 class LipschitzCertifier:
@@ -145,7 +172,10 @@ class LipschitzCertifier:
 
     prediction = argmax of the model; radius = ``margin / (sqrt(2) L)`` (L2) or that over ``sqrt(d)``
     (``norm="linf"``, looser), ``L`` = ``lipschitz_constant(model, gram_iters=gram_iters)``
-    (computed once per model and cached). Never abstains. ``eps`` (optional) is the threat radius
+    (computed once per model and cached). ``pairwise=True`` takes the larger of that and the
+    per-class-pair radius (``pairwise_radius``: the final Linear's rows ``||W'_top - W'_j||`` instead
+    of ``sqrt(2) ||W'||``; sound, never smaller; the global radius where the logits are not a final
+    Linear's output). Never abstains. ``eps`` (optional) is the threat radius
     the report marks; ``batch_size`` images per forward pass. Models with a layer that has no
     rule raise ``UnsupportedLayerError`` (exit 2 from the CLI).
     """
@@ -153,10 +183,13 @@ class LipschitzCertifier:
     name, deterministic = "lipschitz", True
 
     def __init__(self, *, norm: str = "l2", eps: float | str | None = None, gram_iters: int = DEFAULT_GRAM_ITERS,
-                 batch_size: int = 256) -> None:
+                 pairwise: bool = False, batch_size: int = 256) -> None:
         self.norm = parse_norm(norm, ("l2", "linf"))
         self.eps = None if eps is None else number("eps", parse_eps(eps), 0.0)
         self.gram_iters = integer("gram_iters", gram_iters, 0, 30)
+        if not isinstance(pairwise, bool):
+            raise InputError(f"pairwise must be true or false, got {pairwise!r}")
+        self.pairwise = pairwise
         self.batch_size = integer("batch_size", batch_size, 1)
 
     @property
@@ -166,12 +199,15 @@ class LipschitzCertifier:
 
     @property
     def guarantee(self) -> str:
+        how = ("max of margin / (sqrt(2) L) and the per-class-pair margins over L_body ||W_i - W_j||" if self.pairwise
+               else "margin / (sqrt(2) L)")
         return (f"deterministic: no {self.norm} perturbation of norm below the radius changes the prediction "
-                "(margin / (sqrt(2) L), L a product of per-layer Lipschitz upper bounds; sound up to floating-point "
-                "rounding" + ("; L-inf via ||v||_2 <= sqrt(d) ||v||_inf, loose)" if self.norm == "linf" else ")"))
+                f"({how}, L a product of per-layer Lipschitz upper bounds; sound up to floating-point rounding"
+                + ("; L-inf via ||v||_2 <= sqrt(d) ||v||_inf, loose)" if self.norm == "linf" else ")"))
 
     def params(self) -> dict[str, object]:
-        return {"norm": self.norm, "eps": self.eps, "gram_iters": self.gram_iters, "batch_size": self.batch_size}
+        return {"norm": self.norm, "eps": self.eps, "gram_iters": self.gram_iters, "pairwise": self.pairwise,
+                "batch_size": self.batch_size}
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Compute (and cache) the model's constant up front: the pipeline calls this before it writes
@@ -188,7 +224,12 @@ class LipschitzCertifier:
         with torch.no_grad(), eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
                 logits = model(x[i:i + self.batch_size])                              # (b, K)
-                pred, radius = certified_radius(logits, bound.value, self.norm, dim)
+                pred, radius = certified_radius(logits, bound.value, "l2")
+                if self.pairwise and bound.pair_norms is not None:
+                    radius = torch.maximum(radius, pairwise_radius(logits, bound))
+                if self.norm == "linf":
+                    radius = radius / math.sqrt(dim)
+                radius = radius.clamp(max=math.sqrt(dim) if self.norm == "l2" else 1.0)
                 preds.append(pred)
                 radii.append(radius)
                 margins.append(_margin(logits))

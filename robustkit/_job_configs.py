@@ -244,6 +244,7 @@ class CertifyLipschitzConfig:
     norm: str = "l2"                       # l2 | linf (= the L2 radius / sqrt(d): looser)
     eps: str | None = None                 # the threat radius the report marks (None: none)
     gram_iters: int = 10                   # Gram iterations per layer bound (Delattre et al. 2023)
+    pairwise: bool = False                 # also per-class-pair margins of the final Linear (never smaller)
 
 
 @dataclass

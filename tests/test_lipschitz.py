@@ -19,7 +19,7 @@ from certify._gram import conv2d_bound, gram_bound, matrix_bound
 from certify._layers import UnsupportedLayerError
 from certify._lipnet import _ACTIVATIONS
 from certify.base import Certifier
-from certify.lipschitz import LipschitzCertifier, certified_radius, lipschitz_constant
+from certify.lipschitz import LipschitzCertifier, certified_radius, lipschitz_constant, pairwise_radius
 from robustkit.app.certify import Points, certify_points
 from robustkit.errors import InputError
 from robustkit.nets import WideResNet
@@ -303,6 +303,51 @@ def test_certified_radius_formula():
         certified_radius(logits[:, :1], 1.0)
 
 
+def test_pairwise_radius_is_exact_for_a_linear_model():
+    """For logits W x + b the distance to the decision boundary with class j is (z_top - z_j) / ||W_top - W_j||:
+    the pairwise radius is exactly the distance to the nearest boundary (the global one is below it)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    m = RobustModel(net, "lin", 4, (3, 2, 2), (0.0,) * 3, (1.0,) * 3).double().eval()
+    x = torch.rand(32, 3, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        z = m(x)
+    w = net[1].weight.detach()
+    top = z.argmax(1)
+    dist = torch.stack([min((z[b, top[b]] - z[b, j]) / (w[top[b]] - w[j]).norm() for j in range(4) if j != top[b])
+                        for b in range(32)])
+    bound = lipschitz_constant(m)
+    assert bound.body == pytest.approx(1.0) and bound.pair_norms.shape == (4, 4)
+    assert torch.allclose(pairwise_radius(z, bound), dist, rtol=1e-8)
+    pair = LipschitzCertifier(pairwise=True)(m, x).radius
+    assert torch.allclose(pair, dist.clamp(max=math.sqrt(12)), rtol=1e-8)
+    assert bool((LipschitzCertifier()(m, x).radius <= pair * (1 + 1e-12)).all())
+
+
+def test_pairwise_folds_a_batchnorm_before_the_head_and_falls_back_without_one():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+                        nn.Dropout(0.5))
+    m = RobustModel(net, "x", 3, (2, 2, 2), (0.0, 0.0), (1.0, 1.0)).double().eval()
+    _randomize_bn(m)
+    b = lipschitz_constant(m)
+    scale = (net[3].weight / (net[3].running_var + net[3].eps).sqrt()).detach().abs()
+    assert b.pair_norms is not None and b.body is not None
+    w = net[5].weight.detach() * scale                                           # the pending BN scale, folded
+    assert float(b.pair_norms[0, 1]) == pytest.approx(float((w[0] - w[1]).norm()), rel=1e-8)
+    x = torch.rand(64, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for i, j in ((0, 1), (0, 2), (1, 2)):                                       # each pair margin's gradient
+        grad = max(float(torch.autograd.functional.jacobian(lambda t, i=i, j=j: (m(t[None])[0, i] - m(t[None])[0, j]),
+                                                            xi).norm()) for xi in x)
+        assert grad <= b.body * float(b.pair_norms[i, j])
+    no_head = nn.Sequential(nn.Flatten(), nn.Linear(8, 3), nn.Tanh())           # logits are not a Linear's output
+    nb = lipschitz_constant(no_head, (2, 2, 2))
+    assert nb.pair_norms is None and nb.body is None
+    xs = torch.rand(5, 2, 2, 2)
+    assert torch.equal(LipschitzCertifier(pairwise=True)(no_head, xs).radius, LipschitzCertifier()(no_head, xs).radius)
+    with pytest.raises(InputError, match="final nn.Linear"):
+        pairwise_radius(torch.zeros(2, 3), nb)
+
+
 def test_certifier_contract_and_cache(tiny_mnist_model, mnist_test_batch):
     cert = CERTIFIERS.get("lipschitz")()
     assert isinstance(cert, Certifier) and cert.deterministic and cert.norm == "l2"
@@ -333,7 +378,8 @@ def test_cache_follows_the_weights():
     assert lipschitz_constant(m).value == pytest.approx(2 * a, rel=1e-9)
 
 
-@pytest.mark.parametrize("kw", [{"norm": "l1"}, {"gram_iters": -1}, {"eps": -0.5}, {"batch_size": 0}])
+@pytest.mark.parametrize("kw", [{"norm": "l1"}, {"gram_iters": -1}, {"eps": -0.5}, {"batch_size": 0},
+                                {"pairwise": "yes"}])
 def test_certifier_bad_settings(kw):
     with pytest.raises(InputError):
         LipschitzCertifier(**kw)
@@ -360,7 +406,9 @@ def test_no_attack_inside_the_certified_radius(which, tiny_mnist_model, mnist_te
         x = torch.rand(48, 2, 8, 8, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             y = model(x).argmax(1)
-    cert = LipschitzCertifier()(model, x)
+    glob = LipschitzCertifier()(model, x)
+    cert = LipschitzCertifier(pairwise=True)(model, x)                          # the larger (pairwise) radii
+    assert bool((cert.radius >= glob.radius).all()) and bool((cert.radius > glob.radius).any())
     pred, radius = cert.prediction, cert.radius.float()
     keep = pred == y
     x, y, radius = x[keep], y[keep], radius[keep]
@@ -420,12 +468,14 @@ def test_cli_writes_results(_cli_certify, tiny_mnist_model, tmp_path, capsys):
     assert rc == 0 and "lipschitz certified accuracy" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["certifier"] == "lipschitz" and res["norm"] == "l2" and res["n"] == 12
-    assert res["params"] == {"norm": "l2", "eps": 0.2, "gram_iters": 10, "batch_size": 500}
+    assert res["params"] == {"norm": "l2", "eps": 0.2, "gram_iters": 10, "pairwise": False, "batch_size": 500}
     assert res["lipschitz_constant"] > 0 and (out / "report.md").is_file()
     assert "Lipschitz bound L" in (out / "report.md").read_text()
     rc = cli.main(["certify", "--method", "lipschitz", "--model", model_dir, "--n-images", "4", "--set",
-                   "lipschitz.norm=linf", "--out", str(tmp_path / "inf"), "--device", "cpu"])
-    assert rc == 0 and json.loads((tmp_path / "inf" / "results.json").read_text())["norm"] == "linf"
+                   "lipschitz.norm=linf", "--set", "lipschitz.pairwise=true", "--out", str(tmp_path / "inf"),
+                   "--device", "cpu"])
+    inf = json.loads((tmp_path / "inf" / "results.json").read_text())
+    assert rc == 0 and inf["norm"] == "linf" and inf["params"]["pairwise"] is True
 
 
 @pytest.mark.parametrize("argv, message", [

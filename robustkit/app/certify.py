@@ -97,7 +97,8 @@ def build_certifier(cfg: CertifyConfig) -> Certifier:
                    sequential=sm.sequential, tol=sm.tol, amp=cfg.amp)
     if cfg.method == "lipschitz":
         lp = cfg.lipschitz
-        return cls(norm=lp.norm, eps=lp.eps, gram_iters=lp.gram_iters, batch_size=cfg.batch_size)
+        return cls(norm=lp.norm, eps=lp.eps, gram_iters=lp.gram_iters, pairwise=lp.pairwise,
+                   batch_size=cfg.batch_size)
     b = cfg.bounds
     return cls(norm=b.norm, eps=b.eps, tol=b.tol, max_eps=b.max_eps, batch_size=cfg.batch_size)
 
