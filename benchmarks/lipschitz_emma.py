@@ -1,7 +1,7 @@
 """Clean and Lipschitz-certified L2 accuracy of a trained Lipschitz-by-construction net.
 
     robustkit train --config configs/train_emma_mnist5k.yaml --out runs/emma_mnist
-    python -m benchmarks.lipschitz_emma --run runs/emma_mnist [--dataset mnist5k] [--out results.json]
+    python -m benchmarks.lipschitz_emma --run runs/emma_mnist/checkpoints/last [--dataset mnist5k] [--out FILE]
 
 Certificates, both deterministic and sound (``lipschitz_bound()`` of every layer):
 
@@ -29,7 +29,7 @@ import torch
 
 from robustkit._lipschitz_nets import LipschitzNet, model_lipschitz
 from robustkit.data import make_loader
-from robustkit.zoo import RobustModel, load
+from robustkit.zoo import RobustModel, load, resolve_model_dir
 
 RADII = (36 / 255 * math.sqrt(784 / 3072), 0.3, 0.5, 1.0)
 
@@ -85,14 +85,14 @@ def evaluate(model: RobustModel, dataset: str, n: int | None = None) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a run directory (its checkpoints/last) or a model directory")
+    p.add_argument("--run", required=True, help="a model directory, or a run directory (its checkpoints/best, else "
+                   "last, as robustkit certify resolves it)")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    path = Path(a.run)
-    model = load(path / "checkpoints" / "last" if (path / "checkpoints").is_dir() else path)
-    res = evaluate(model, a.dataset)
+    path = resolve_model_dir(a.run)
+    res = {"model": str(path), **evaluate(load(path), a.dataset)}
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
