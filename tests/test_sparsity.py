@@ -218,3 +218,21 @@ def test_cli_sparsity_and_bad_config(tiny_mnist_model: Any, tmp_path: Path, caps
     assert "sparsity.directions" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="sparsity.bogus"):
         bm.run_benchmark([d], tmp_path / "c", n=5, attacks=["pgd"], sparsity={"bogus": 1})
+
+
+@pytest.mark.slow
+def test_benchmark_sparsity_two_processes_equal_one(tiny_mnist_model: Any, tmp_path: Path) -> None:
+    """Under torchrun the sparsity images are shared out over the ranks and gathered: the same entry."""
+    from tests._torchrun import robustkit
+
+    d = str(save(tiny_mnist_model, tmp_path / "m"))
+    args = ["benchmark", "--device", "cpu", "--models", d, "--n", "12", "--eps", "1.5", "--norm", "l2",
+            "--attacks", "pgd", "--param", "pgd.steps=3", "--param", "pgd.restarts=1", "--eps-grid", "none",
+            "--batch-size", "6", "--sparsity", "--set", "sparsity.directions=3", "--set", "sparsity.search_steps=3",
+            "--set", "sparsity.n_images=5"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    r = robustkit([*args, "--out", str(tmp_path / "two")], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / o / "results.json").read_text())["models"][0]["adversarial_sparsity"]
+            for o in ("one", "two"))
+    assert a["n_vulnerable"] >= 1 and a == b

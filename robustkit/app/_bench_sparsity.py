@@ -8,6 +8,8 @@ coordinates / d) under which a direction-constrained PGD still breaks it. The en
 ``adversarial_sparsity`` holds ``mean`` / ``median`` over vulnerable points (higher: adversarial
 examples are sparser, the model more robust beyond its accuracy), ``mean_all`` (non-vulnerable
 correct points count as 1), counts, settings, ``per_point`` (None: misclassified) and seconds.
+Under ``torchrun`` the images are shared out over the processes (per-image results do not depend on
+it: directions are seeded by image index) and gathered on every rank.
 """
 
 from __future__ import annotations
@@ -50,12 +52,24 @@ def sparsity_entry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, broken: t
                    seconds: dict[str, float]) -> dict[str, Any]:
     """Sparsity of ``model`` on the first ``n_images`` of ``x (N, C, H, W)``, ``y (N,)``; ``broken (N,)``
     is the benchmark's verified worst case at eps. Adds ``seconds["adversarial_sparsity"]``."""
+    from attacks.sparsity import SparsityResult
+    from robustkit.app.shard import all_gather, world
+
     s = sparsity_settings(cfg)
-    assert s is not None
+    if s is None:
+        raise ValueError("sparsity_entry called with sparsity off")
     k = min(int(s["n_images"]), x.shape[0])
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
-    res = _make(cfg)(model, x[:k].to(dev), y[:k].to(dev), vulnerable=broken[:k].to(dev), index=torch.arange(k))
+    w = world()
+    mine = torch.arange(k)[w.rank::w.size]            # under torchrun: images shared out, results per image
+    part = _make(cfg)(model, x[mine].to(dev), y[mine].to(dev), vulnerable=broken[mine].to(dev), index=mine)
+    fields = ("sparsity", "correct", "vulnerable", "critical")
+    full = {f: torch.zeros((k, *getattr(part, f).shape[1:]), dtype=getattr(part, f).dtype) for f in fields}
+    for idx, got in all_gather((mine, {f: getattr(part, f) for f in fields})):
+        for f in fields:
+            full[f][idx] = got[f]
+    res = SparsityResult(**full, settings=part.settings)
     seconds["adversarial_sparsity"] = time.perf_counter() - t0
     out = res.summary()
     out["per_point"] = [None if math.isnan(v) else round(v, 6) for v in res.sparsity.tolist()]
