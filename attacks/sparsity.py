@@ -132,7 +132,7 @@ class AdversarialSparsity:
             raise InputError(f"index must be a (N,) tensor of image indices with N={n}, got {tuple(index.shape)}")
         if vulnerable is not None and (not isinstance(vulnerable, torch.Tensor) or vulnerable.shape != (n,)):
             raise InputError(f"vulnerable must be a (N,) bool tensor with N={n}")
-        d = x[0].numel()
+        d = math.prod(x.shape[1:])
         lo, hi = self.angle_range if self.norm == "l2" else (min(self.pixel_range[0], d), min(self.pixel_range[1], d))
         if self.norm == "linf" and lo >= hi:
             raise InputError(f"pixel_range {self.pixel_range} leaves nothing to search for images of {d} coordinates")

@@ -181,6 +181,8 @@ def test_bad_inputs(linear: Any) -> None:
         adversarial_sparsity(net, x + 1, y, eps=1.0)
     with pytest.raises(InputError, match="vulnerable must be a"):
         adversarial_sparsity(net, x, y, eps=1.0, vulnerable=torch.ones(2, dtype=torch.bool))
+    empty = adversarial_sparsity(net, x[:0], y[:0], eps=1.0, vulnerable=torch.zeros(0, dtype=torch.bool))
+    assert empty.sparsity.shape == (0,) and empty.critical.shape == (0, 64) and empty.summary()["mean"] is None
     with pytest.raises(InputError, match="leaves nothing to search"):
         adversarial_sparsity(net, x, y, norm="linf", eps=0.1, pixel_range=(64, 100))
 
