@@ -252,3 +252,41 @@ def test_benchmark_entry_gets_corruptions_acc(tiny_mnist_model, tmp_path):
     assert "| corruptions |" in (tmp_path / "bench" / "report.md").read_text()
     with pytest.raises(ConfigError, match="unknown corruption"):
         BenchmarkConfig(corruptions="rain")
+
+
+def test_cli_resume_computes_only_missing_batches(only_corruptions, model_dir, tmp_path, monkeypatch, capsys):
+    import robustkit.app.corruptions as app
+
+    out = tmp_path / "out"
+    base = ["--model", model_dir, "--n", "6", "--batch-size", "2", "--corruptions", "fog", "--severities", "1,4",
+            "--out", str(out)]
+    assert _run(*base) == 0
+    first = json.loads((out / "results.json").read_text())
+    units = sorted((out / "parts").glob("unit-*.json"))
+    assert len(units) == 3                                                     # one file per batch of 2
+    units[1].unlink()
+    calls = []
+    real = app.corrupt
+    monkeypatch.setattr(app, "corrupt", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert _run(*base, "--resume") == 0
+    assert calls == ["fog", "fog"]                                              # one batch, two severities
+    again = json.loads((out / "results.json").read_text())
+    assert (again["corruption_accuracy"], again["clean_accuracy"]) == (first["corruption_accuracy"],
+                                                                       first["clean_accuracy"])
+    capsys.readouterr()
+    assert _run(*base, "--resume", "--seed", "1") == 2                         # other settings: not mixed in
+    assert "different settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_same_results(model_dir, tmp_path):
+    from _torchrun import robustkit as run_robustkit
+
+    argv = ["corruptions", "--model", model_dir, "--n", "6", "--batch-size", "2", "--corruptions", "glass_blur,fog",
+            "--severities", "1,5", "--device", "cpu"]
+    one = run_robustkit([*argv, "--out", str(tmp_path / "one")])
+    two = run_robustkit([*argv, "--out", str(tmp_path / "two")], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r2["processes"] == 2 and r1["processes"] == 1
+    assert r1["corruption_accuracy"] == r2["corruption_accuracy"] and r1["clean_accuracy"] == r2["clean_accuracy"]

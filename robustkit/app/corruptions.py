@@ -23,6 +23,10 @@ Metrics (the paper's Section 4 and RobustBench's corruption track):
 Writes ``results.json``, ``report.md``, ``plots/corruption_accuracy.png`` (heat map, corruption x
 severity), ``model_info.json`` (RobustBench's corruptions ``model_info`` fields) and
 ``unaggregated_results.csv`` (RobustBench's per corruption and severity table, one row).
+
+Scale-out: the images go in fixed batches of ``batch_size``, shared out over the processes under
+``torchrun`` (per image the same results as one process); each batch's record is saved under
+``out/parts/`` when done, and ``resume`` computes only the batches missing there.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustkit._corruptions import NAMES, check_images, corrupt
 from robustkit._corruptions_config import CorruptionsConfig
 from robustkit.errors import InputError
 
 FORMAT = "robustkit-corruptions/1"
+PARTS = "parts"                  # per-batch progress files (robustkit.app.shard.UnitStore)
 DEFINITIONS = "CIFAR-10-C (Hendrycks & Dietterich 2019, hendrycks/robustness make_cifar_c.py), on the fly"
 
 
@@ -57,41 +61,58 @@ def corruption_seeds(seed: int, name: str, severity: int, index: torch.Tensor) -
 
 def evaluate_corruptions(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                          names: Sequence[str], severities: Sequence[int], *, seed: int = 0, batch_size: int = 250,
-                         amp: bool = False, progress: bool = False) -> dict[str, Any]:
+                         amp: bool = False, progress: bool = False, store_dir: str | Path | None = None,
+                         resume: bool = False) -> dict[str, Any]:
     """Score every model of ``models`` on the same corrupted images.
 
     ``x (N, C, H, W)`` in [0, 1], ``y (N,)``, ``index (N,)`` the dataset indices (the seeds derive
-    from them). Images are corrupted on the first model's device. Returns ``{"clean": {model: (N,)
-    bool}, "correct": {model: (len(names), len(severities), N) bool}, "seconds": {corruption: s}}``.
+    from them). Images are corrupted on the first model's device, in fixed batches of
+    ``batch_size`` that are shared out over the torchrun ranks (``robustkit.app.shard.map_units``;
+    every rank gets the whole result, the same as one process's). ``store_dir``: each batch's record
+    is saved there when done; ``resume`` keeps the batches already there (made with the same
+    settings and weights, else ``InputError``). Returns ``{"clean": {model: (N,) bool}, "correct":
+    {model: (len(names), len(severities), N) bool}, "seconds": {corruption: s}}`` (seconds summed
+    over the batches, whichever rank ran them).
     """
     check_images(x)
     if not models:
         raise InputError("evaluate_corruptions needs at least one model")
+    from robustkit.app.shard import UnitStore, map_units
     from robustkit.evaluate import predict
     from robustkit.modes import device_of
+    from robustkit.zoo import fingerprint
 
     dev = device_of(next(iter(models.values())))
     n = x.shape[0]
-    clean = {k: torch.zeros(n, dtype=torch.bool) for k in models}
-    correct = {k: torch.zeros(len(names), len(severities), n, dtype=torch.bool) for k in models}
-    seconds = dict.fromkeys(names, 0.0)
     starts = list(range(0, n, batch_size))
-    bar = tqdm(total=len(starts) * len(names), desc="corruptions", unit="batch", disable=not progress, leave=False)
-    for lo in starts:
-        sl = slice(lo, min(lo + batch_size, n))
-        xb, yb, ib = x[sl].to(dev), y[sl], index[sl]
-        for k, m in models.items():
-            clean[k][sl] = predict(m, xb, batch_size=batch_size, amp=amp) == yb
+    key = {"format": FORMAT, "corruptions": list(names), "severities": list(severities), "seed": seed, "n": n,
+           "batch_size": batch_size, "index": [int(index[0]), int(index[-1])] if n else [],
+           "models": {k: fingerprint(m) for k, m in models.items()}}
+    store = UnitStore(store_dir, key) if store_dir is not None else None
+
+    def compute(u: int) -> dict[str, Any]:
+        sl = slice(starts[u], min(starts[u] + batch_size, n))
+        xb, yb, ib = x[sl].to(dev), y[sl], index[sl]                                # (B, C, H, W), (B,), (B,)
+        rec: dict[str, Any] = {f"clean.{k}": predict(m, xb, batch_size=batch_size, amp=amp) == yb
+                               for k, m in models.items()}
+        correct = {k: torch.zeros(len(names), len(severities), len(yb), dtype=torch.bool) for k in models}
+        seconds = {}
         for ci, name in enumerate(names):
             t0 = time.perf_counter()
             for si, s in enumerate(severities):
                 xc = corrupt(xb, name, s, corruption_seeds(seed, name, s, ib))        # (B, C, H, W)
                 for k, m in models.items():
-                    correct[k][ci, si, sl] = predict(m, xc, batch_size=batch_size, amp=amp) == yb
-            seconds[name] += time.perf_counter() - t0
-            bar.update(1)
-    bar.close()
-    return {"clean": clean, "correct": correct, "seconds": seconds}
+                    correct[k][ci, si] = predict(m, xc, batch_size=batch_size, amp=amp) == yb
+            seconds[name] = time.perf_counter() - t0
+        rec.update({f"correct.{k}": v for k, v in correct.items()})
+        rec["seconds"] = seconds
+        return rec
+
+    records = map_units(len(starts), compute, store=store, resume=resume, progress=progress, desc="corruptions",
+                        weight=lambda u: min(batch_size, n - starts[u]))
+    return {"clean": {k: torch.cat([r[f"clean.{k}"].bool() for r in records]) for k in models},
+            "correct": {k: torch.cat([r[f"correct.{k}"].bool() for r in records], dim=2) for k in models},
+            "seconds": {c: float(sum(r["seconds"][c] for r in records)) for c in names}}
 
 
 def accuracy_table(clean: torch.Tensor, correct: torch.Tensor, names: Sequence[str], severities: Sequence[int]
@@ -165,9 +186,13 @@ def _load_model(path: str, device: torch.device) -> nn.Module:
 
 
 def run_corruptions(cfg: CorruptionsConfig, device: torch.device | str, *, progress: bool | None = None,
-                    log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                    log: Callable[[str], None] = lambda m: None, resume: bool = False) -> dict[str, Any]:
     """``robustkit corruptions``: score ``cfg.model`` (and ``cfg.baseline``) on the corrupted first
     ``cfg.n`` test images of ``cfg.dataset``; write ``cfg.out``; return ``results.json``'s dict.
+
+    Under torchrun the batches are shared out over the processes and rank 0 writes (every rank
+    returns the results). Each batch is saved under ``cfg.out/parts`` when done; ``resume`` computes
+    only the batches missing there (same settings and weights).
 
     Every input error (no model, unreadable model or baseline, incompatible dataset or image size,
     ``n`` larger than the test split, an output path that cannot be a directory) is raised before
@@ -181,9 +206,11 @@ def run_corruptions(cfg: CorruptionsConfig, device: torch.device | str, *, progr
 
     if not cfg.model:
         raise InputError("corruptions needs a model: --model RUN_OR_MODEL_DIR (or model: in the config)")
+    from robustkit.app.shard import check_enough, setup
+
     out = Path(cfg.out)
     check_output_dir(out)
-    device = resolve_device(device) if isinstance(device, str) else device
+    w, device = setup(resolve_device(device) if isinstance(device, str) else device)   # torchrun: this rank's
     model = _load_model(cfg.model, device)
     data = load_data(cfg.dataset, "test", cfg.data_root, cfg.download)
     check_compatible(model, data.info)
@@ -200,23 +227,29 @@ def run_corruptions(cfg: CorruptionsConfig, device: torch.device | str, *, progr
             check_compatible(models["baseline"], data.info, name="baseline")
     x, y = data.tensors(cfg.n)                                                   # (N, C, H, W), (N,)
     check_images(x)
+    check_enough(-(-cfg.n // cfg.batch_size), f"batches of {cfg.batch_size} images")
     index = torch.arange(cfg.n)
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
     ev = evaluate_corruptions(models, x, y, index, cfg.corruptions, cfg.severities, seed=cfg.seed,
-                              batch_size=cfg.batch_size, amp=cfg.amp, progress=show)
+                              batch_size=cfg.batch_size, amp=cfg.amp, progress=show, store_dir=out / PARTS,
+                              resume=resume)
     wall = time.perf_counter() - t0
     tables = {k: accuracy_table(ev["clean"][k], ev["correct"][k], cfg.corruptions, cfg.severities) for k in models}
     res: dict[str, Any] = {
         "format": FORMAT, "command": "corruptions", "model": str(cfg.model), "arch": getattr(model, "arch", None),
         "dataset": cfg.dataset, "split": "test", "n": cfg.n, "seed": cfg.seed, "definitions": DEFINITIONS,
         "corruptions": list(cfg.corruptions), "severities": list(cfg.severities), **tables["model"],
-        "baseline": None, "seconds": wall, "seconds_per_corruption": ev["seconds"], "config": to_dict(cfg)}
+        "baseline": None, "seconds": wall, "seconds_per_corruption": ev["seconds"], "processes": w.size,
+        "config": to_dict(cfg)}
     if "baseline" in tables:
         baseline_res = {"model": str(cfg.baseline), **tables["baseline"]}
     if baseline_res is not None:
         res["baseline"] = baseline_res
         res.update(corruption_errors(tables["model"], baseline_res, cfg.corruptions, cfg.severities))
+    if not w.is_main:
+        res["out"] = str(out)
+        return res
     write_outputs(out, res)
     log(f"corruptions: clean {res['clean_accuracy']:.4f}  mean corruption accuracy {res['corruptions_acc']:.4f}"
         + (f"  mCE {res['mce']:.1f}" if res.get("mce") is not None else "") + f"  ({wall:.1f}s, {cfg.n} images)")

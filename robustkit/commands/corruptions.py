@@ -5,13 +5,16 @@
     robustkit corruptions --model runs/trades --baseline runs/corr-standard/results.json ...     # reuse a run
     robustkit corruptions --model runs/quick --corruptions fog,snow --severities 1,3,5 --out DIR
     robustkit corruptions --config configs/corruptions_fashion_full.yaml --set n=1000
+    torchrun --nproc_per_node=2 -m robustkit corruptions --model runs/quick --n 10000 --out DIR [--resume]
 
 The corruptions of Hendrycks & Dietterich (ICLR 2019) with CIFAR-10-C's definitions, applied on
 the fly to the first N test images, each image with its own seed (run seed, corruption,
 severity, dataset index). Writes OUT/results.json (accuracy per corruption and severity,
 corruptions_acc, corruptions_acc_<corruption>, CE / mCE with --baseline), OUT/report.md,
 OUT/plots/corruption_accuracy.png (heat map), OUT/model_info.json and
-OUT/unaggregated_results.csv (RobustBench's corruption-track formats).
+OUT/unaggregated_results.csv (RobustBench's corruption-track formats). Under torchrun the batches
+are shared out over the processes; each is saved under OUT/parts when done, and --resume computes
+only the missing ones.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images corrupted and classified at once (default 250)")
     p.add_argument("--amp", action="store_true", default=None, help="autocast on CUDA")
     p.add_argument("--out", help="output directory (default runs/corruptions)")
+    p.add_argument("--resume", action="store_true",
+                   help="compute only the batches not yet saved in OUT/parts (same settings and weights)")
     add_config_args(p, "corruptions")
     add_common(p)
     p.set_defaults(func=run, dataset=None, download=None, seed=None)
@@ -46,10 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from robustkit._corruptions_config import CorruptionsConfig
     from robustkit.app.corruptions import run_corruptions
+    from robustkit.app.shard import world
     from robustkit.commands._config import make_config
     from robustkit.device import resolve_device
 
     cfg = make_config(CorruptionsConfig, args, {k: getattr(args, k) for k in FLAGS})
-    res = run_corruptions(cfg, resolve_device(args.device), log=print)
-    print(f"results: {res['out']}/results.json, heat map: {res['out']}/plots/corruption_accuracy.png")
+    res = run_corruptions(cfg, resolve_device(args.device), log=print, resume=args.resume)
+    if world().is_main:
+        print(f"results: {res['out']}/results.json, heat map: {res['out']}/plots/corruption_accuracy.png")
     return 0
