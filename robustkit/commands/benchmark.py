@@ -5,12 +5,18 @@
     robustkit benchmark --models DIR --config configs/benchmark_cifar10_autoattack_linf.yaml --set n=500
     robustkit benchmark ... --param pgd.steps=20 --param autoattack.attacks=[apgd-ce,apgd-t]
     robustkit benchmark --models runs/trades model_info/cifar10/Linf/Carmon2019Unlabeled.json --dataset cifar10 ...
+    robustkit benchmark --models runs/a runs/b --sparsity --transfer-sources runs/lgv-a --out DIR   # see robustkit lgv
 
 Per model: clean accuracy, each attack's robust accuracy (each attack on every clean-correct
 point, every claimed success verified), the worst case per point, AutoAttack's per-point
 breakdown, certified accuracy and the seconds for each (see ``robustkit.app.benchmark``). A rerun
 reuses every ``models/<name>.json`` made with the same settings and weights. Exit status 3 (after
 writing everything) if an attack broke a point that a deterministic certifier certified at eps.
+
+--sparsity adds each model's adversarial sparsity (Olivier & Raj 2023: how constrained a direction
+can be and still hold an adversarial example; higher = more robust); --transfer the transfer success
+matrix between the models (rows: sources, columns: targets; LGV collections as extra rows with
+--transfer-sources): results.json transfer_matrix, a table in report.md, plots/transfer_matrix.png.
 
 Every evaluated model is also written as a RobustBench model_info file, robustbench/<name>.json
 (autoattack_acc only for standard AutoAttack on the whole test set; otherwise a footnote says what
