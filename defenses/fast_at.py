@@ -25,6 +25,7 @@ from defenses.base import StepContext, average_across_replicas, gather_objects, 
 from robustkit.errors import InputError
 from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
+from robustkit.threat import parse_eps
 from robustkit.zoo import unwrap
 
 # CIFAR-10: eps 8/255, alpha 10/255 = 1.25 eps (train_fgsm.py --epsilon 8 --alpha 10; the paper's
@@ -92,7 +93,9 @@ class FastAT(AdversarialObjective):
 
     Args (keyword-only; ``None`` takes the ``preset``'s value):
         preset: ``"cifar10"`` (eps 8/255, alpha 10/255) or ``"mnist"`` (eps 0.3, alpha 0.375).
-        norm, eps, step_size: the threat model and ``alpha`` (1.25 eps in the paper).
+        norm, eps, step_size: the threat model and ``alpha`` (1.25 eps in the paper). An ``eps`` given
+            without ``step_size`` keeps the preset's ratio: ``alpha = 1.25 eps`` (not the preset's absolute
+            alpha, which a one-step attack would clip to a plain FGSM at a smaller eps).
         init: ``"uniform"`` (the paper) or ``"zero"`` (plain FGSM training, which overfits).
         co_check, co_every, co_batch, co_steps, co_step_size (None: eps/4), co_drop, co_fgsm_rise,
         co_seed: the overfitting check. early_stop: restore and stop on detection.
@@ -109,6 +112,9 @@ class FastAT(AdversarialObjective):
                  co_drop: float = 0.2, co_fgsm_rise: bool = True, co_seed: int = 0, early_stop: bool = False,
                  lap_beta: float = 0.0, lap_gamma: float = 0.3, lap_layers: int | None = None,
                  label_smoothing: float = 0.0, targets: TargetsFn | None = None) -> None:
+        if eps is not None and step_size is None and preset in PRESETS:   # keep the preset's alpha / eps (1.25)
+            p = PRESETS[preset]
+            step_size = p["step_size"] / p["eps"] * parse_eps(eps)
         self._setup(preset, norm, eps, 1, step_size, label_smoothing, targets)
         if init not in ("uniform", "zero"):
             raise InputError(f"init must be 'uniform' or 'zero', got {init!r}")

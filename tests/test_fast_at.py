@@ -328,3 +328,11 @@ def test_lap_recipe_builds():
     d = build_defense(cfg)
     assert isinstance(d, FastAT) and (d.lap_beta, d.lap_gamma, d.lap_layers, d.init) == (0.002, 0.3, None, "uniform")
     assert d.step_size == pytest.approx(1.25 * d.eps) and cfg.epochs == 30 and cfg.optim.lr == 0.2
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "mnist"])
+def test_eps_without_step_size_keeps_the_papers_alpha_of_1_25_eps(preset: str) -> None:
+    d = DEFENSES.get("fast-at")(preset=preset, eps=0.1)
+    assert d.eps == pytest.approx(0.1) and d.step_size == pytest.approx(0.125)
+    assert DEFENSES.get("fast-at")(preset=preset, eps=0.1, step_size=0.05).step_size == pytest.approx(0.05)
+    assert DEFENSES.get("fast-at")(preset="cifar10", eps="4/255").step_size == pytest.approx(5 / 255)
