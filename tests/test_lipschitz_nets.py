@@ -231,3 +231,15 @@ def test_cli_train_emma_one_epoch(tmp_path):
     assert recs[0]["train_lipschitz"] > 0
     model = load(tmp_path / "r" / "checkpoints" / "last")
     assert isinstance(model.net, LipschitzNet) and model_lipschitz(model) > 0
+
+
+def test_recipe_loads_and_builds():
+    from pathlib import Path
+
+    from robustkit.app.train import build_defense
+    from robustkit.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "train_emma_mnist5k.yaml", [])
+    d = build_defense(cfg)
+    assert isinstance(d, EMMA) and d.eps == pytest.approx(0.3) and d.eps_at(1.0) == pytest.approx(0.9)
+    assert cfg.model.arch == "sll-small"
