@@ -21,6 +21,14 @@ bound of its L2 Lipschitz constant (``certify/lipschitz.py`` trusts it), and
   residual folded into one kernel ``I + depth^-1/2 * gamma * W``; its constant is ``||I + K||``:
   estimated by power iteration in training (as the official code does) and bounded soundly by the
   DFT bound of ``robustkit._lipschitz_bounds.conv_bound`` on the block's input size.
+
+Differences from the official code, and which we follow: LiResConv has no batch centering (the
+official block subtracts the batch mean of the branch in training, a running mean in eval: a shift
+that does not change the constant; left out for simplicity, so eval and train compute the same
+function); SLL uses ``q = exp(q')`` as Araujo et al. (the LiResNet repository's SLL copy uses
+``|q'| + 1e-6``); ``OrthoPatchConv`` / ``OrthoLinear`` report the exact spectral norm of their
+orthogonalised matrix (slightly below 1 because of the Cholesky regulariser) where the official
+``Map2Vec`` computes the same quantity by SVD only at evaluation.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ each with ``lipschitz_bound()``) followed by an ``LLNHead``. It exposes
 
 ``RobustModel`` puts ``Normalize(mean, std)`` first: its constant ``1 / min(std)`` multiplies the
 net's; ``robustkit._lipschitz_nets.model_lipschitz`` includes it.
+
+Both nets are CPU-sized versions for 28x28 inputs, not the papers' architectures: SLL S on CIFAR-10 is
+20 SLL convs of width 45 plus 7 SLL dense layers; LiResNet on CIFAR-10 is a 5x5 stride-2 stem, 12
+blocks of width 512, the ``Map2Vec`` neck (stride-4 patch conv + a 2048-wide dense layer) and 8
+orthogonal dense layers. Here a 2x2 orthogonal patch convolution replaces the 5x5 stem (its norm is
+exact, no power iteration) and one orthogonal dense layer replaces the dense stack.
 """
 
 from __future__ import annotations
