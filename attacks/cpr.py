@@ -17,8 +17,9 @@ MNIST ``eps_rej 0.1``, 20 steps of 0.01; CIFAR-10 / SVHN / GTSRB ``eps_rej 0.005
 The adaptive attacks of the paper's evaluation (BPDA through CPR's inner attack: its perturbation
 ``d(x') = x~(x') - x'`` is treated as a constant, as in ``MBCONSRLinfPGDAttack.get_loss``):
 
-- ``outer_attack`` (the code's CHCMOA family, untargeted here): find ``x'`` in ``B(x, eps)`` that CPR
-  *accepts* and misclassifies: ascend ``CE(f(x'), y) + CE(f(x' + d(x')), y)``; every iterate is checked.
+- ``outer_attack`` (the code's CHCMOA): find ``x'`` in ``B(x, eps)`` that CPR *accepts* and misclassifies:
+  ascend ``CE(f(x'), y) + CE(f(x' + d(x')), y)`` and, per target class ``t`` (``targets`` of them, the code
+  all ``K - 1``), ``log p_t(x') + log p_t(x' + d(x'))``; every iterate is checked.
 - ``inner_attack`` (the code's CLCIA): find ``x'`` in ``B(x, eps0)``, ``eps0 = alpha * eps``, that CPR
   *rejects*: ascend ``U(f(x')) + U(f(x' + d(x')))`` with the low-confidence loss
   ``U(z) = logsumexp(z) - logsumexp(100 z) / 100`` (``uniform_confidence_loss``); every iterate is checked.
@@ -123,16 +124,20 @@ def low_confidence_loss(logits: torch.Tensor, scale: float = 100.0) -> torch.Ten
 
 
 def _bpda_pgd(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-              step_size: float, restarts: int, goal: str, generator: torch.Generator | None) -> torch.Tensor:
-    """``(B,)`` bool: some checked iterate reached ``goal`` (``"accept-wrong"`` or ``"reject"``). Images that
-    reached it leave the active batch (the cost tracks the images still standing)."""
+              step_size: float, restarts: int, goal: str, generator: torch.Generator | None,
+              target: torch.Tensor | None = None, found: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` bool: some checked iterate reached ``goal`` (``"accept-wrong"`` or ``"reject"``); ``found``
+    (updated in place) marks images already done. Images that reached the goal leave the active batch (the
+    cost tracks the images still standing). ``target (B,)``: "accept-wrong" ascends ``log p_t`` instead of the
+    cross-entropy (the code's multi-targeted ``ccat_targeted_loss``)."""
     tm = ThreatModel(cpr.norm, eps)
-    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if found is None else found
     for _ in range(restarts):
         idx = (~found).nonzero().squeeze(1)                                 # (A,) images still standing
         if idx.numel() == 0:
             break
         x0, y0 = x[idx], y[idx]
+        t0 = None if target is None else target[idx]
         x_adv = tm.random_start(x0, generator)
         for t in range(steps + 1):
             rej = cpr(model, x_adv)                                         # (A,) decisions at the iterate
@@ -142,11 +147,15 @@ def _bpda_pgd(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, eps:
             if t == steps or not bool(keep.any()):
                 break
             idx, x0, y0, x_adv = idx[keep], x0[keep], y0[keep], x_adv[keep]
+            t0 = None if t0 is None else t0[keep]
             shift = (rej.x_rej[keep] - x_adv).detach()                      # BPDA: CPR's perturbation, constant
             with eval_mode(model), torch.enable_grad():
                 u = x_adv.detach().requires_grad_(True)
                 z, zt = model(u), model(u + shift)                          # (A, K) each
-                if goal == "accept-wrong":
+                if goal == "accept-wrong" and t0 is not None:
+                    loss = -F.cross_entropy(z.float(), t0, reduction="sum") - \
+                        F.cross_entropy(zt.float(), t0, reduction="sum")
+                elif goal == "accept-wrong":
                     loss = F.cross_entropy(z.float(), y0, reduction="sum") + \
                         F.cross_entropy(zt.float(), y0, reduction="sum")
                 else:
@@ -157,12 +166,24 @@ def _bpda_pgd(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, eps:
 
 
 def outer_attack(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 20,
-                 step_size: float | None = None, restarts: int = 1,
+                 step_size: float | None = None, restarts: int = 1, targets: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """``(B,)`` bool: a point of ``B(x, eps)`` that CPR accepts and ``model`` misclassifies was found
-    (step default ``2.5 eps / steps``)."""
+    (step default ``2.5 eps / steps``). The untargeted run, then ``targets`` targeted runs, one per wrong class
+    in the order of ``f(x)``'s logits (the code's CHCMOA runs every wrong class: ``targets = K - 1``), each on the
+    images still standing."""
     step = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    return _bpda_pgd(model, cpr, x, y, eps, steps, step, restarts, "accept-wrong", generator)
+    found = _bpda_pgd(model, cpr, x, y, eps, steps, step, restarts, "accept-wrong", generator)
+    if targets and x.shape[0]:
+        with torch.no_grad(), eval_mode(model):
+            z = model(x).float()                                            # (B, K)
+        z[torch.arange(x.shape[0]), y] = -float("inf")
+        order = z.argsort(1, descending=True)                               # (B, K) wrong classes first
+        for k in range(min(int(targets), z.shape[1] - 1)):
+            if bool(found.all()):
+                break
+            _bpda_pgd(model, cpr, x, y, eps, steps, step, restarts, "accept-wrong", generator, order[:, k], found)
+    return found
 
 
 def inner_attack(model: nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, *, eps0: float, steps: int = 20,

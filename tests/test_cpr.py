@@ -79,8 +79,9 @@ def test_bpda_attacks_on_the_threshold_model() -> None:
     # inner: a rejected point within 0.1 exists only where the boundary is within 0.1 + 0.02
     assert inner_attack(model, cpr, x, y, eps0=0.1, steps=20).tolist() == [False, True, False]
     # outer: accepted and wrong within 0.3 + margin of CPR's ball: only the first two can be pushed across
-    found = outer_attack(model, cpr, x, y, eps=0.15, steps=20)
-    assert found.tolist() == [False, True, False]
+    for targets in (0, 1):
+        found = outer_attack(model, cpr, x, y, eps=0.15, steps=20, targets=targets)
+        assert found.tolist() == [False, True, False]
 
 
 def test_stratified_metric_by_hand() -> None:
@@ -116,13 +117,15 @@ def test_bad_input() -> None:
 def test_cli_reject_on_mnist5k(tmp_path, tiny_mnist_model, capsys) -> None:
     save(tiny_mnist_model, tmp_path / "m")
     assert main(["reject", "--model", str(tmp_path / "m"), "--eps", "0.3", "--n", "16", "--steps", "3",
-                 "--param", "steps=3", "--alphas", "0,0.1,1", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+                 "--param", "steps=3", "--targets", "2", "--alphas", "0,0.1,1",
+                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["n"] == 16 and [c["alpha"] for c in res["curve"]] == [0.0, 0.1, 1.0]
     accs = [c["robust_accuracy"] for c in res["curve"]]
     assert accs == sorted(accs, reverse=True)             # a larger costly ball can only lower the accuracy
     assert accs[0] <= res["robust_accuracy_with_rejection"] <= 1.0
-    assert res["rejector"]["eps_rej"] == 0.1 and (tmp_path / "out" / "plots" / "robustness_curve.png").is_file()
+    assert res["targets"] == 2 and res["rejector"]["eps_rej"] == 0.1
+    assert (tmp_path / "out" / "plots" / "robustness_curve.png").is_file()
     assert "robust accuracy with rejection" in capsys.readouterr().out
     assert main(["reject", "--model", str(tmp_path / "m"), "--eps", "0.3", "--alphas", "0,2",
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2

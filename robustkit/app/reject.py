@@ -6,7 +6,8 @@ Chen et al., "Stratified Adversarial Robustness with Rejection", ICML 2023 (``at
 
 - ``outer_error``: some ``x'`` in ``B(x, eps)`` (``x`` itself included) is *accepted* by CPR and
   misclassified. Candidates: ``x``, each registered attack's output on the base model (``--attack``, e.g.
-  ``pgd`` or ``autoattack``) and the BPDA outer attack through CPR; the OR over them (the code ORs its attacks).
+  ``pgd`` or ``autoattack``) and the BPDA outer attack through CPR (untargeted, then multi-targeted over the
+  wrong classes); the OR over them (the code ORs its attacks).
 - ``inner_rejected[alpha]``: some ``x'`` in ``B(x, alpha * eps)`` is *rejected* (``alpha = 0``: ``x`` is).
 
 The robust accuracy with rejection at ``alpha`` (the total robust accuracy under the step rejection loss:
@@ -68,7 +69,7 @@ def _alphas(alphas: Sequence[float]) -> list[float]:
 
 
 def evaluate_batch(model: torch.nn.Module, cpr: CPR, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                   alphas: Sequence[float], attacks: Sequence[Any], steps: int, restarts: int,
+                   alphas: Sequence[float], attacks: Sequence[Any], steps: int, restarts: int, targets: int = 0,
                    generator: torch.Generator | None = None) -> dict[str, Any]:
     """Per-point outcomes on one batch: ``clean_correct``, ``clean_rejected``, ``outer_error`` ``(B,)`` bool and
     ``inner_rejected`` ``{alpha: (B,)}`` (numpy)."""
@@ -78,7 +79,8 @@ def evaluate_batch(model: torch.nn.Module, cpr: CPR, x: torch.Tensor, y: torch.T
         x_adv = attack(model, x, y).x_adv
         r = cpr(model, x_adv)
         outer |= ~r.rejected & (r.pred != y)
-    outer |= outer_attack(model, cpr, x, y, eps=eps, steps=steps, restarts=restarts, generator=generator)
+    outer |= outer_attack(model, cpr, x, y, eps=eps, steps=steps, restarts=restarts, targets=targets,
+                          generator=generator)
     inner = {}
     for a in alphas:
         inner[a] = clean.rejected.clone() if a == 0 else \
@@ -93,27 +95,31 @@ def run_reject(model: str | Path, dataset: str = "mnist5k", *, eps: float | str,
                preset: str | None = "mnist", eps_rej: float | str | None = None, rej_steps: int | None = None,
                rej_step_size: float | None = None, alphas: Sequence[float] = ALPHAS,
                attack: Sequence[str] = ("pgd",), attack_params: Mapping[str, Any] | None = None, steps: int = 20,
-               restarts: int = 1, split: str = "test", n: int | None = 100, batch_size: int = 100,
+               restarts: int = 1, targets: int | None = None, split: str = "test", n: int | None = 100,
+               batch_size: int = 100,
                out: str | Path | None = None, device: torch.device | str = "cpu", seed: int = 0,
                data_root: str | None = None, download: bool = False,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` with CPR rejection; with ``out`` write ``results.json``, ``report.md`` and
-    ``plots/robustness_curve.png``. Everything is validated before anything runs or is written."""
+    ``plots/robustness_curve.png``. ``targets``: target classes of the BPDA outer attack (``None``: every wrong
+    class, as the code). Everything is validated before anything runs or is written."""
     eps_f, norm = parse_eps(eps), parse_norm(norm)
     alphas = _alphas(alphas)
     cpr = CPR(preset=preset, norm=norm, eps_rej=eps_rej, steps=rej_steps, step_size=rej_step_size)
     attacks = [build_attack(a, attack_params, norm=norm, eps=eps_f, seed=seed) for a in attack]
-    if steps < 0 or restarts < 1:
-        raise InputError(f"steps must be >= 0 and restarts >= 1, got {steps} and {restarts}")
+    if steps < 0 or restarts < 1 or (targets is not None and targets < 0):
+        raise InputError(f"steps and targets must be >= 0 and restarts >= 1, got steps {steps}, restarts "
+                         f"{restarts}, targets {targets}")
     net = load(Path(model), map_location=device)
     loader = make_loader(dataset, split, batch_size=batch_size, n=n, data_root=data_root, download=download,
                          device=device)
     check_compatible(net, loader.info)
+    targets = net.num_classes - 1 if targets is None else min(targets, net.num_classes - 1)
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
     t0, parts = time.perf_counter(), []
     for i, (x, y) in enumerate(loader):
         parts.append(evaluate_batch(net, cpr, x, y, eps=eps_f, alphas=alphas, attacks=attacks, steps=steps,
-                                    restarts=restarts, generator=gen))
+                                    restarts=restarts, targets=targets, generator=gen))
         if log:
             log(f"batch {i + 1}/{len(loader)}")
     cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
@@ -123,7 +129,7 @@ def run_reject(model: str | Path, dataset: str = "mnist5k", *, eps: float | str,
     acc = clean_ok & ~clean_rej
     res = {"model": str(model), "arch": net.arch, "dataset": dataset, "split": split, "n": int(clean_ok.size),
            "norm": norm, "eps": eps_f, "rejector": cpr.params(), "attacks": list(attack), "steps": steps,
-           "restarts": restarts, "clean_accuracy": float(clean_ok.mean()),
+           "restarts": restarts, "targets": targets, "clean_accuracy": float(clean_ok.mean()),
            "clean_rejection_rate": float(clean_rej.mean()),
            "clean_accuracy_on_accepted": float(acc.sum() / max(int((~clean_rej).sum()), 1)),
            **metrics, "seconds": time.perf_counter() - t0}
@@ -143,7 +149,8 @@ def report(res: Mapping[str, Any]) -> str:
                                 "robust_accuracy_with_rejection", "curve_auc")}
     return (f"# Selective classification with CPR (Chen et al. 2023)\n\nModel `{res['model']}` ({res['arch']}) on "
             f"{res['dataset']}/{res['split']}, {res['norm']} eps={res['eps']:g}, rejector {res['rejector']}, "
-            f"outer attacks {', '.join(res['attacks'])} + BPDA.\n\n{md_table([head])}\n"
+            f"outer attacks {', '.join(res['attacks'])} + BPDA (untargeted + {res['targets']} targets, "
+            f"{res['steps']} steps, {res['restarts']} restart(s)).\n\n{md_table([head])}\n"
             f"## Robustness curve (rejection within alpha * eps costs)\n\n{md_table(res['curve'])}\n"
             "![robustness curve](plots/robustness_curve.png)\n")
 

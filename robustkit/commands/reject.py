@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "outer attacks (repeatable)")
     p.add_argument("--steps", type=int, default=20, help="steps of the BPDA outer and inner attacks (default 20)")
     p.add_argument("--restarts", type=int, default=1, help="restarts of the BPDA attacks (default 1)")
+    p.add_argument("--targets", type=int, default=None, help="target classes of the BPDA outer attack (default: "
+                   "every wrong class, as the paper; 0: untargeted only)")
     p.add_argument("--n", type=int, default=100, help="first N images (default 100)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", default=None, help="write results.json, report.md, plots/ here")
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                      rej_steps=args.rej_steps, rej_step_size=args.rej_step_size, alphas=args.alphas or ALPHAS,
                      attack=[a.strip() for a in args.attack.split(",") if a.strip()],
                      attack_params=apply_overrides({}, param_overrides(args.param, "p")).get("p"), steps=args.steps,
-                     restarts=args.restarts, split=args.split, n=args.n, batch_size=args.batch_size, out=args.out,
+                     restarts=args.restarts, targets=args.targets, split=args.split, n=args.n,
+                     batch_size=args.batch_size, out=args.out,
                      device=setup(args), seed=args.seed, data_root=args.data_root, download=args.download)
     for line in summary_lines(res):
         print(line)
