@@ -2,7 +2,7 @@
 
 Bai, Anderson, Kim, Sojoudi, "Improving the Accuracy-Robustness Trade-Off of Classifiers via Adaptive
 Smoothing", SIAM J. Math. Data Sci. 2024 (arXiv 2301.12554), and "Mixing Classifiers to Alleviate the
-Accuracy-Robustness Trade-Off" (L4DC 2024); code ``Bai-YT/AdaptiveSmoothing`` (``models/comp_model.py``,
+Accuracy-Robustness Trade-Off" (Bai, Anderson, Sojoudi); code ``Bai-YT/AdaptiveSmoothing`` (``models/comp_model.py``,
 ``models/mixing_net.py``). The mixed classifier is
 
     h_mix(x) = log( (1 - alpha(x)) * softmax(s_std * g(x)) + alpha(x) * softmax(s_rob * h(x)) )   # (B, K)
