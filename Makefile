@@ -27,9 +27,9 @@ test: $(STAMP) lint
 
 # Every benchmark module (benchmarks/__init__.py: MODULES), JSON in benchmarks/results/.
 # ARGS go to each module, so use the shared flags there (e.g. ARGS="--threads 1").
-BENCH := attacks bo_attack certify defense_table defenses fast_vs_autoattack ibp sharding training
+BENCH := attacks bo_attack certify corruptions defense_table defenses fast_vs_autoattack ibp lipschitz sharding training
 # The ones that take --device (bo_attack is CPU only); GPU results go to benchmarks/results/gpu/.
-BENCH_GPU := attacks certify defense_table defenses fast_vs_autoattack ibp sharding training
+BENCH_GPU := attacks certify corruptions defense_table defenses fast_vs_autoattack ibp lipschitz sharding training
 
 bench: $(STAMP)
 	set -e; for m in $(BENCH); do $(BIN)/python -m benchmarks.$$m $(ARGS); done

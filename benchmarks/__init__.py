@@ -7,4 +7,5 @@ never to the benchmark files of the same names. Results are JSON files under
 ``benchmarks/results/`` (git-ignored); trained models are cached in ``benchmarks/results/cache/``.
 """
 
-MODULES = ("attacks", "bo_attack", "certify", "defense_table", "defenses", "fast_vs_autoattack", "ibp", "sharding", "training")
+MODULES = ("attacks", "bo_attack", "certify", "corruptions", "defense_table", "defenses", "fast_vs_autoattack", "ibp",
+           "lipschitz", "sharding", "training")

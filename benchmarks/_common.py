@@ -194,6 +194,7 @@ class Recipe:
     input_shape: tuple[int, int, int] = (1, 28, 28)
     n_train: int | None = None
     seed: int = 0
+    grad_clip: float | None = None
 
     def describe(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))      # tuples -> lists, as in the JSON
@@ -225,7 +226,8 @@ def cached_model(recipe: Recipe, device: torch.device, defense: Callable[[], Def
     opt = make_optimizer(model.parameters(), recipe.optimizer, recipe.lr, weight_decay=recipe.weight_decay)
     t0 = time.perf_counter()
     history = Trainer(model, objective, loader, epochs=recipe.epochs, optimizer=opt,
-                      schedule=make_schedule(recipe.schedule, **recipe.schedule_params), progress=False).fit()
+                      schedule=make_schedule(recipe.schedule, **recipe.schedule_params), grad_clip=recipe.grad_clip,
+                      progress=False).fit()
     meta = {"recipe": recipe.describe(), "train_seconds": time.perf_counter() - t0, "trained_on": str(device),
             "steps": recipe.epochs * len(loader), "train_images": len(loader.data),
             "objective": objective.params(),
