@@ -26,7 +26,7 @@ Resumable: ``--runs DIR`` keeps every run; a finished run (``results.json``) is 
 one resumed, and the benchmark reuses its per-model entries.
 
     python -m benchmarks.defense_table [--quick] [--profile fashion|cifar10] [--methods a,b] [--n N]
-        [--epochs E] [--runs DIR] [--data-root DIR] [--device auto] [--threads 1]
+        [--epochs E] [--lr LR] [--runs DIR] [--data-root DIR] [--device auto] [--threads 1]
 """
 
 from __future__ import annotations
@@ -68,18 +68,22 @@ METHODS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def settings(profile: str, quick: bool, epochs: int | None, n: int | None) -> dict[str, Any]:
+def settings(profile: str, quick: bool, epochs: int | None, n: int | None, lr: float | None = None
+             ) -> dict[str, Any]:
     if quick:
         s = {"dataset": "mnist5k", "arch": "ibp-small", "eps": 0.3, "pretrain_epochs": 2, "epochs": 1,
-             "n_train": 512, "n": 100, "batch_size": 64, "steps": 3, "autoattack": "quick"}
+             "n_train": 512, "n": 100, "batch_size": 64, "steps": 3, "autoattack": "quick", "lr": 0.05}
     elif profile == "fashion":
         s = {"dataset": "fashion-mnist", "arch": "ibp-small", "eps": 0.1, "pretrain_epochs": 8, "epochs": 2,
-             "n_train": None, "n": 1000, "batch_size": 128, "steps": 10, "autoattack": "standard"}
+             "n_train": None, "n": 1000, "batch_size": 128, "steps": 10, "autoattack": "standard",
+             "lr": 0.05}
     else:
         s = {"dataset": "cifar10", "arch": "preact-resnet18", "eps": 8 / 255, "epochs": None, "n_train": None,
              "n": 10000, "autoattack": "standard"}
     if epochs is not None:
         s["epochs"] = epochs
+    if lr is not None:
+        s["lr"] = lr
     if n is not None:
         s["n"] = n
     s["profile"] = "quick" if quick else profile
@@ -109,7 +113,7 @@ def finetune_config(s: dict[str, Any], label: str, pretrained: str | None) -> Tr
         "model": {"arch": s["arch"], "pretrained": pretrained},
         "data": {"name": s["dataset"], "batch_size": s["batch_size"], "n_train": s["n_train"],
                  "root": s.get("data_root")},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "optim": {"name": "sgd", "lr": s["lr"], "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "slow-start-fast-decay" if pretrained else "cosine"},
         "defense": {"name": defense, "params": objective_params(defense, s), "weight_perturbation": wp,
                     "wp_params": {"warmup_epochs": 0} if wp else {}},
@@ -210,7 +214,7 @@ def table(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
 
 
 def bench(a: argparse.Namespace, device: torch.device, work: Path) -> int:
-    s = settings(a.profile, a.quick, a.epochs, a.n)
+    s = settings(a.profile, a.quick, a.epochs, a.n, a.lr)
     s["data_root"] = a.data_root
     labels = list(METHODS) if not a.methods else ["standard", *[m for m in a.methods.split(",") if m != "standard"]]
     unknown = [m for m in labels if m not in METHODS]
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per method (same for all)")
     ap.add_argument("--n", type=int, default=None, help="test images for AutoAttack")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning peak LR, the same for every method (0.05)")
     ap.add_argument("--data-root", default=None, help="dataset directory (CIFAR-10 for --profile cifar10)")
     ap.add_argument("--runs", default=None, help="keep (and resume) the runs here (default: a temp dir)")
     a = ap.parse_args(argv)
