@@ -67,6 +67,16 @@ def setup(args: argparse.Namespace) -> torch.device:
     return resolve_device(getattr(args, "device", "cpu"))
 
 
+def in_workdir(runs: str | None, prefix: str, fn: Callable[[Path], int]) -> int:
+    """``fn(work)`` in ``runs`` when given (kept, so a rerun reuses what is there), else in a temp dir."""
+    if runs:
+        return fn(Path(runs))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        return fn(Path(work))
+
+
 # -- timing ----------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from itertools import combinations
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 import defenses  # noqa: F401  (registers every objective)
-from benchmarks._common import log, parser, setup, write_results
+from benchmarks._common import in_workdir, log, parser, setup, write_results
 from robustkit.app.benchmark import benchmark
 from robustkit.app.train import train
 from robustkit.config import BenchmarkConfig, TrainConfig, from_dict, load_yaml
@@ -278,10 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=None, help="keep (and resume) the runs here (default: a temp dir)")
     a = ap.parse_args(argv)
     device = setup(a)
-    if a.runs:
-        return bench(a, device, Path(a.runs))
-    with tempfile.TemporaryDirectory(prefix="rk-defense-table-") as work:
-        return bench(a, device, Path(work))
+    return in_workdir(a.runs, "rk-defense-table-", lambda work: bench(a, device, work))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 
 import defenses  # noqa: F401  (registers every objective)
 from attacks import PGD
-from benchmarks._common import log, median_seconds, parser, setup, write_results
+from benchmarks._common import in_workdir, log, median_seconds, parser, setup, write_results
 from defenses.base import StepContext
 from robustkit.app.train import train
 from robustkit.config import TrainConfig, from_dict
@@ -123,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=None, help="keep the run directories here (default: a temp dir)")
     a = ap.parse_args(argv)
     device = setup(a)
-    if a.runs:
-        return bench(a, device, Path(a.runs))
-    with tempfile.TemporaryDirectory(prefix="rk-defenses-") as work:
-        return bench(a, device, Path(work))
+    return in_workdir(a.runs, "rk-defenses-", lambda work: bench(a, device, work))
 
 
 def bench(a: argparse.Namespace, device: torch.device, work: Path) -> int:
