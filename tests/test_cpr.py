@@ -131,3 +131,21 @@ def test_cli_reject_on_mnist5k(tmp_path, tiny_mnist_model, capsys) -> None:
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "alphas must be numbers in [0, 1]" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_inner_rejections_carry_over_to_larger_balls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``B(x, a eps)`` lies inside every larger ball: a rejection the inner attack finds at a small alpha counts
+    at every larger alpha even when the attack at the larger radius misses it (else the curve is too high)."""
+    import robustkit.app.reject as rj
+
+    model = _model(_Constant(), 3)
+    x, y = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 0])
+
+    def flaky(model, cpr, x, y, *, eps0, **kw):   # finds point 1 only in the 0.1-eps ball
+        return torch.tensor([False, abs(eps0 - 0.03) < 1e-9, False])
+
+    monkeypatch.setattr(rj, "inner_attack", flaky)
+    out = rj.evaluate_batch(model, CPR(preset="mnist"), x, y, eps=0.3, alphas=[1.0, 0.1, 0.0, 0.5], attacks=[],
+                            steps=1, restarts=1)
+    assert {a: v.tolist() for a, v in out["inner_rejected"].items()} == {
+        0.0: [False, False, False], 0.1: [False, True, False], 0.5: [False, True, False], 1.0: [False, True, False]}

@@ -72,7 +72,8 @@ def evaluate_batch(model: torch.nn.Module, cpr: CPR, x: torch.Tensor, y: torch.T
                    alphas: Sequence[float], attacks: Sequence[Any], steps: int, restarts: int, targets: int = 0,
                    generator: torch.Generator | None = None) -> dict[str, Any]:
     """Per-point outcomes on one batch: ``clean_correct``, ``clean_rejected``, ``outer_error`` ``(B,)`` bool and
-    ``inner_rejected`` ``{alpha: (B,)}`` (numpy)."""
+    ``inner_rejected`` ``{alpha: (B,)}`` (numpy), monotone in alpha: ``B(x, a * eps)`` lies inside every larger
+    ball, so a point rejected in it is rejected in those too (the attacks at the larger radii may miss it)."""
     clean = cpr(model, x)
     outer = ~clean.rejected & (clean.pred != y)                              # x itself: accepted and wrong
     for attack in attacks:                                                   # the base model's attacks
@@ -81,11 +82,12 @@ def evaluate_batch(model: torch.nn.Module, cpr: CPR, x: torch.Tensor, y: torch.T
         outer |= ~r.rejected & (r.pred != y)
     outer |= outer_attack(model, cpr, x, y, eps=eps, steps=steps, restarts=restarts, targets=targets,
                           generator=generator)
-    inner = {}
-    for a in alphas:
-        inner[a] = clean.rejected.clone() if a == 0 else \
-            clean.rejected | inner_attack(model, cpr, x, y, eps0=a * eps, steps=steps, restarts=restarts,
-                                          generator=generator)
+    inner, found = {}, clean.rejected.clone()
+    for a in sorted(alphas):   # the balls are nested: a rejection found within a smaller one counts in every larger
+        if a > 0:
+            found = found | inner_attack(model, cpr, x, y, eps0=a * eps, steps=steps, restarts=restarts,
+                                         generator=generator)
+        inner[a] = found.clone()
     to_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
     return {"clean_correct": to_np(clean.pred == y), "clean_rejected": to_np(clean.rejected),
             "outer_error": to_np(outer), "inner_rejected": {a: to_np(v) for a, v in inner.items()}}
