@@ -165,12 +165,7 @@ class FastAT(AdversarialObjective):
         """LAP: the FGSM point ``x + delta`` ``(B, C, H, W)``, and (in place) the layer-aware move of the
         weights, from one forward/backward at the start point (eval mode, on the unwrapped model)."""
         net = unwrap(model)
-        named = [(n, p) for n, p in net.named_parameters() if p.dim() > 1 and "weight" in n and p.requires_grad]
-        params = [p for _, p in named]
-        layers = self.lap_layers if self.lap_layers is not None else len(params)
-        if len(params) > layers:
-            raise InputError(f"fast-at: lap_layers ({layers}) must be at least the model's number of conv / linear "
-                             f"weights ({len(params)}); leave it unset to use that number")
+        params, layers = self._lap_params(net)
         x = x.detach()
         with eval_mode(net), torch.enable_grad():
             x0 = self.tm.random_start(x) if self.init == "uniform" else x.clone()
@@ -184,6 +179,22 @@ class FastAT(AdversarialObjective):
         perturb_layers(params, step_direction(optimizer, params, grads), self.lap_beta,
                        layer_scales(len(params), layers, self.lap_gamma))
         return x_adv.detach()
+
+    def _lap_params(self, model: nn.Module) -> tuple[list[nn.Parameter], int]:
+        """LAP's perturbed tensors (conv / linear weights: more than one dimension, ``weight`` in the name,
+        trainable) in parameter order, and ``L`` (``lap_layers``, default their number)."""
+        params = [p for n, p in unwrap(model).named_parameters() if p.dim() > 1 and "weight" in n and p.requires_grad]
+        layers = self.lap_layers if self.lap_layers is not None else len(params)
+        if len(params) > layers:
+            raise InputError(f"fast-at: lap_layers ({layers}) must be at least the model's number of conv / linear "
+                             f"weights ({len(params)}); leave it unset to use that number")
+        return params, layers
+
+    def check_model(self, model: nn.Module) -> None:
+        """``InputError`` when LAP's ``lap_layers`` is below the model's number of conv / linear weights (the
+        train pipeline asks before anything is written)."""
+        if self.lap_beta > 0:
+            self._lap_params(model)
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, Any]]:

@@ -336,3 +336,19 @@ def test_eps_without_step_size_keeps_the_papers_alpha_of_1_25_eps(preset: str) -
     assert d.eps == pytest.approx(0.1) and d.step_size == pytest.approx(0.125)
     assert DEFENSES.get("fast-at")(preset=preset, eps=0.1, step_size=0.05).step_size == pytest.approx(0.05)
     assert DEFENSES.get("fast-at")(preset="cifar10", eps="4/255").step_size == pytest.approx(5 / 255)
+
+
+def test_cli_bad_lap_layers_fails_before_the_run_directory(tmp_path, capsys):
+    """lap_layers below the model's number of conv / linear weights is refused by check_model, before the train
+    pipeline writes config.yaml (it used to fail at the first batch and leave a half-made run behind)."""
+    from robustkit.cli import main
+
+    out = tmp_path / "r"
+    rc = main(["train", "--model", "ibp-small", "--dataset", "mnist5k", "--defense", "fast-at", "--eps", "0.3",
+               "--epochs", "1", "--eval-n", "10", "--set", "data.n_train=64", "--set", "defense.params.preset=mnist",
+               "--set", "defense.params.lap_beta=0.01", "--set", "defense.params.lap_layers=1", "--device", "cpu",
+               "--out", str(out)])
+    assert rc == 2 and "lap_layers (1)" in capsys.readouterr().err and not out.exists()
+    FastAT(preset="mnist", lap_layers=1).check_model(RobustModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 8),
+                                                                               nn.Linear(8, 2)),
+                                                                 "test", 2, (1, 2, 2), (0.0,), (1.0,)))  # LAP off
