@@ -149,3 +149,12 @@ def test_inner_rejections_carry_over_to_larger_balls(monkeypatch: pytest.MonkeyP
                             steps=1, restarts=1)
     assert {a: v.tolist() for a, v in out["inner_rejected"].items()} == {
         0.0: [False, False, False], 0.1: [False, True, False], 0.5: [False, True, False], 1.0: [False, True, False]}
+
+
+def test_out_that_is_a_file_is_refused_before_the_evaluation(tmp_path, tiny_mnist_model, capsys) -> None:
+    save(tiny_mnist_model, tmp_path / "m")
+    (tmp_path / "f").write_text("x")
+    assert main(["reject", "--model", str(tmp_path / "m"), "--eps", "0.3", "--n", "4", "--steps", "1",
+                 "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output directory" in err[0] and (tmp_path / "f").read_text() == "x"

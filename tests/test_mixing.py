@@ -206,3 +206,14 @@ def test_autoattack_runs_end_to_end_on_the_composite(tiny_mnist_model, mnist_tes
     with torch.no_grad():
         pred = model(res.x_adv).argmax(1)
     assert bool(res.success.any()) and bool((pred[res.success] != y[res.success]).all())
+
+
+def test_cli_mix_out_that_is_a_file(tmp_path, capsys) -> None:
+    std, rob = _members()
+    save(std, tmp_path / "std")
+    save(rob, tmp_path / "rob")
+    (tmp_path / "f").write_text("x")
+    assert main(["mix", "--standard", str(tmp_path / "std"), "--robust", str(tmp_path / "rob"),
+                 "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output directory" in err[0]

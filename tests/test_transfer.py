@@ -184,3 +184,11 @@ def test_bad_input(tmp_path: Path, tiny_mnist_model: RobustModel) -> None:
         from robustkit.zoo import create
 
         ModelCollection([tiny_mnist_model, create("ibp-small", 5, (1, 28, 28))])
+
+
+def test_out_that_is_a_file_is_an_input_error(tmp_path: Path, tiny_mnist_model: RobustModel) -> None:
+    """An --out that cannot be a directory is refused before any training (was a raw FileExistsError)."""
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(InputError, match="output directory"):
+            collect_lgv(tiny_mnist_model, out, **LGV_KW)

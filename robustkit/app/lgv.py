@@ -29,6 +29,7 @@ from defenses.base import Defense, StepContext
 from defenses.schedules import make_schedule
 from defenses.standard import Standard
 from defenses.trainer import Trainer, make_optimizer
+from robustkit.app.sharded_eval import check_output_dir
 from robustkit.data import dataset_info, make_loader
 from robustkit.errors import CheckpointError, InputError
 from robustkit.io import atomic_write_json
@@ -79,6 +80,7 @@ def collect_lgv(model: str | Path | RobustModel, out: str | Path, *, dataset: st
     lr, batch_size = positive("lr", lr), integer("batch_size", batch_size, 1)
     momentum, weight_decay = number("momentum", momentum, 0.0), number("weight_decay", weight_decay, 0.0)
     out = Path(out)
+    check_output_dir(out)
     if (out / COLLECTION).exists():
         raise InputError(f"{out / COLLECTION} exists: choose a new --out for another collection")
     source = None if isinstance(model, nn.Module) else str(resolve_model_dir(model).resolve())

@@ -29,6 +29,7 @@ import torch
 
 from attacks.cpr import CPR, inner_attack, outer_attack
 from robustkit.app.build import build_attack
+from robustkit.app.sharded_eval import check_output_dir
 from robustkit.data import make_loader
 from robustkit.errors import InputError
 from robustkit.report import line_plot, md_table, write_markdown, write_results
@@ -106,6 +107,8 @@ def run_reject(model: str | Path, dataset: str = "mnist5k", *, eps: float | str,
     ``plots/robustness_curve.png``. ``targets``: target classes of the BPDA outer attack (``None``: every wrong
     class, as the code). Everything is validated before anything runs or is written."""
     eps_f, norm = parse_eps(eps), parse_norm(norm)
+    if out:
+        check_output_dir(out)
     alphas = _alphas(alphas)
     cpr = CPR(preset=preset, norm=norm, eps_rej=eps_rej, steps=rej_steps, step_size=rej_step_size)
     attacks = [build_attack(a, attack_params, norm=norm, eps=eps_f, seed=seed) for a in attack]

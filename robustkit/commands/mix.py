@@ -36,9 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustkit.app.sharded_eval import check_output_dir
     from robustkit.mix import mix_model
     from robustkit.zoo import load, save
 
+    check_output_dir(args.out)
     device = setup(args)
     std, rob = load(args.standard, map_location=device), load(args.robust, map_location=device)
     opts = {"std_scale": args.std_scale, "rob_scale": args.rob_scale}
