@@ -5,7 +5,7 @@ Normalize then net; the built-in residual nets by their known ``forward``) and m
 
     Conv2d / Linear        spectral-norm upper bound by Gram iteration (``certify/_gram.py``)
     ReLU, LeakyReLU(a)     max(1, |a|)          Tanh, Hardtanh, ReLU6, Softplus, Softsign: 1
-    Sigmoid 1/4,  ELU(a) max(1, a),  GELU 1.13 (max derivative 1.1289),  SiLU 1.1 (1.0998)
+    Sigmoid 1/4,  ELU(a) max(1, |a|),  GELU 1.13 (max derivative 1.1289),  SiLU 1.1 (1.0998)
     MaxPool2d              sqrt(m), m = the most windows one pixel falls in (1 if they do not overlap)
     AvgPool2d / Adaptive   sqrt(max row sum * max column sum) of the (nonnegative) operator (Schur test)
     Flatten, Identity, Dropout (eval)   1
@@ -52,7 +52,7 @@ _ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], tuple[float, bool]]] =
     nn.Sigmoid: lambda m: (0.25, False),
     nn.Softplus: lambda m: (1.0, False),
     nn.Softsign: lambda m: (1.0, False),
-    nn.ELU: lambda m: (max(1.0, float(m.alpha)), False),
+    nn.ELU: lambda m: (max(1.0, abs(float(m.alpha))), False),       # slope alpha e^x on x < 0, any sign
     nn.GELU: lambda m: (1.13, False),
     nn.SiLU: lambda m: (1.1, False),
 }

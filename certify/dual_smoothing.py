@@ -160,6 +160,9 @@ class DualSmoothingCertifier:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"x must be a float image batch (B, C, H, W) in [0, 1], got {got}")
+        shape = tuple(getattr(outer, "input_shape", ()) or ())
+        if shape and tuple(x.shape[1:]) != shape:
+            raise InputError(f"the dual-subimage model takes images {shape}, got x of shape {tuple(x.shape)}")
         B = x.shape[0]
         if seeds is None:
             seeds = torch.randint(0, 2 ** 62, (B,), dtype=torch.int64)

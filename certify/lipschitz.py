@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -89,9 +90,15 @@ def _input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple
     shape = input_shape if input_shape is not None else getattr(unwrap(model), "input_shape", None)
     if shape is None:
         raise InputError("lipschitz_constant needs input_shape=(C, H, W) for a model without .input_shape")
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"input_shape must be positive sizes like (C, H, W), got {shape!r}") from None
     if not shape or any(s < 1 for s in shape):
         raise InputError(f"input_shape must be positive sizes like (C, H, W), got {shape}")
+    own = getattr(unwrap(model), "input_shape", None)
+    if own is not None and tuple(int(s) for s in own) != shape:
+        raise InputError(f"the model takes inputs {tuple(own)}, got input shape {shape}")
     return shape
 
 
@@ -140,6 +147,9 @@ def certified_radius(logits: torch.Tensor, lipschitz: float, norm: str = "l2", d
         raise InputError(f"logits must be (B, K) with K >= 2, got {tuple(logits.shape)}")
     if norm == "linf" and dim is None:
         raise InputError("the L-inf radius needs the input dimension dim = C * H * W")
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not math.isfinite(lipschitz) \
+            or lipschitz < 0:                          # NaN > 0 is False: it would certify an infinite radius
+        raise InputError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
     margin = _margin(logits)                                                        # (B,) >= 0
     radius = margin / (math.sqrt(2.0) * lipschitz) if lipschitz > 0 else torch.full_like(margin, math.inf)
     if norm == "linf":

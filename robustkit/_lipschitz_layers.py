@@ -20,7 +20,8 @@ bound of its L2 Lipschitz constant (``certify/lipschitz.py`` trusts it), and
   Robustness Certification on ImageNet", NeurIPS 2023: ``act(x + conv(x) + b)`` with the linear
   residual folded into one kernel ``I + depth^-1/2 * gamma * W``; its constant is ``||I + K||``:
   estimated by power iteration in training (as the official code does) and bounded soundly by the
-  DFT bound of ``robustkit._lipschitz_bounds.conv_bound`` on the block's input size.
+  DFT bound of ``robustkit._lipschitz_bounds.conv_bound`` on the block's input size (its forward refuses
+  larger images, on which that bound would not hold).
 
 Differences from the official code, and which we follow: LiResConv has no batch centering (the
 official block subtracts the batch mean of the branch in training, a running mean in eval: a shift
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit._lipschitz_bounds import conv_bound, matrix_bound, power_norm
+from robustkit.errors import InputError
 
 
 def _safe_inv(t: torch.Tensor) -> torch.Tensor:
@@ -219,6 +221,10 @@ class LiResConv(nn.Module):
         return self.identity + self.scale * self.gamma * self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] > self.input_size[0] or x.shape[-1] > self.input_size[1]:
+            # lipschitz_bound() holds up to input_size only (a smaller image is a restriction of it)
+            raise InputError(f"LiResConv built for {self.input_size[0]}x{self.input_size[1]} inputs got "
+                             f"{x.shape[-2]}x{x.shape[-1]}: its Lipschitz bound would not hold")
         return self.act(F.conv2d(x, self.kernel(), self.bias, padding=1))
 
     def lipschitz_estimate(self) -> torch.Tensor:

@@ -30,6 +30,7 @@ from robustkit._lipschitz_bounds import conv_norm
 from robustkit._lipschitz_layers import LiResConv, LLNHead, MinMax, OrthoLinear, OrthoPatchConv, SLLConv, SLLLinear
 from robustkit.errors import InputError
 from robustkit.registry import MODELS
+from robustkit.validate import integer
 
 Shape = tuple[int, int, int]
 
@@ -101,6 +102,7 @@ def sll_small(num_classes: int = 10, input_shape: Shape = (1, 28, 28), width: in
     3 ``SLLConv(2w, inner 4w)`` + flatten + ``OrthoLinear(-> dense)`` + 2 ``SLLLinear(dense)`` + LLN head.
     A small version of the paper's SLL S (20 convs of width 45 on CIFAR-10), for CPU-sized MNIST."""
     _check_shape("sll-small", input_shape)
+    width, dense = integer("width", width, 1), integer("dense", dense, 1)
     c, h, w = input_shape
     h2, w2 = _half(_half(h)), _half(_half(w))
     body = nn.Sequential(
@@ -117,6 +119,7 @@ def liresnet_small(num_classes: int = 10, input_shape: Shape = (1, 28, 28), widt
     the official code) + ``OrthoPatchConv(w -> w, 2)`` (the neck) + flatten + ``OrthoLinear(-> dense)``
     + MinMax + LLN head. The paper's CIFAR-10 net is 12 blocks of width 512 with a 5x5 stem."""
     _check_shape("liresnet-small", input_shape)
+    width, depth, dense = integer("width", width, 2), integer("depth", depth, 1), integer("dense", dense, 2)
     if width % 2 or dense % 2:
         raise InputError(f"liresnet-small needs even width and dense (MinMax pairs channels), got {width}, {dense}")
     c, h, w = input_shape

@@ -188,6 +188,8 @@ def test_bad_model_and_input(tiny_mnist_model, dual_mnist):
         c(dual_mnist, torch.rand(1, 28, 28))
     with pytest.raises(InputError, match="seeds must have shape"):
         c(dual_mnist, torch.rand(2, 1, 28, 28), seeds=torch.arange(3))
+    with pytest.raises(InputError, match="takes images"):
+        c(dual_mnist, torch.rand(2, 1, 28, 26))
     with pytest.raises(InputError, match="even image width"):
         create("dual-subimage", 10, (1, 28, 27))
 

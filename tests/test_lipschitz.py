@@ -141,8 +141,8 @@ def test_pool_bound_is_sound(pool):
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(1.5), nn.Tanh(), nn.Sigmoid(), nn.ELU(),
-                                 nn.ELU(2.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Softplus(), nn.Softplus(3.0),
-                                 nn.ReLU6(), nn.Hardtanh(), nn.Softsign()], ids=repr)
+                                 nn.ELU(2.0), nn.ELU(-3.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Softplus(),
+                                 nn.Softplus(3.0), nn.ReLU6(), nn.Hardtanh(), nn.Softsign()], ids=repr)
 def test_activation_constants_bound_the_derivative(act):
     t = torch.linspace(-8, 8, 200001, dtype=torch.float64, requires_grad=True)
     (d,) = torch.autograd.grad(act(t).sum(), t)
@@ -301,6 +301,18 @@ def test_certified_radius_formula():
     assert float(capped.max()) == 4.0                                            # the [0, 1] box's diameter
     with pytest.raises(InputError):
         certified_radius(logits[:, :1], 1.0)
+    for bad in (float("nan"), -1.0, float("inf")):          # NaN > 0 is False: it gave an infinite radius
+        with pytest.raises(InputError, match="lipschitz must be"):
+            certified_radius(logits, bad)
+
+
+def test_input_shape_mismatch_is_an_input_error(tiny_mnist_model):
+    with pytest.raises(InputError, match="takes inputs"):
+        lipschitz_constant(tiny_mnist_model, (1, 20, 20))
+    with pytest.raises(InputError, match="takes inputs"):
+        LipschitzCertifier()(tiny_mnist_model, torch.rand(2, 1, 20, 20))
+    with pytest.raises(InputError, match="input_shape must be"):
+        lipschitz_constant(nn.Flatten(), "abc")
 
 
 def test_pairwise_radius_is_exact_for_a_linear_model():

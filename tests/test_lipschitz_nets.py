@@ -104,6 +104,27 @@ def test_liresconv_estimate_converges_below_the_bound():
     assert block.lipschitz_estimate().requires_grad
 
 
+def test_liresconv_refuses_images_larger_than_its_bound_covers():
+    """A zero-padded convolution's norm grows with the image: the bound for 3x3 inputs is below the norm on
+    32x32 ones, so the block must not run there (the certifier would trust the smaller bound)."""
+    torch.manual_seed(0)
+    block = LiResConv(4, (3, 3)).double()
+    with torch.no_grad():
+        block.weight.normal_()
+    big = worst_jacobian(lambda x: F.conv2d(x, block.kernel(), padding=1), (4, 12, 12), points=1)
+    assert big > block.lipschitz_bound()
+    with pytest.raises(InputError, match="built for 3x3"):
+        block(torch.zeros(1, 4, 12, 12, dtype=torch.float64))
+    assert block(torch.zeros(1, 4, 2, 3, dtype=torch.float64)).shape == (1, 4, 2, 3)   # smaller: a restriction
+
+
+@pytest.mark.parametrize("arch, kw", [("sll-small", {"width": 0}), ("sll-small", {"dense": 0}),
+                                      ("liresnet-small", {"width": 0}), ("liresnet-small", {"depth": 2.5})])
+def test_builders_refuse_bad_sizes(arch, kw):
+    with pytest.raises(InputError):
+        create(arch, 10, (1, 28, 28), **kw)
+
+
 def test_sll_is_not_the_identity():
     """The SLL residual branch is active: the layer moves its input."""
     torch.manual_seed(0)
