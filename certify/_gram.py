@@ -32,7 +32,8 @@ circular one it is a restriction of:
   ``P`` with ``||P|| = sqrt(max copies of one pixel)`` (``P^T P`` is diagonal), counted exactly by
   one backward pass; the valid convolution on the padded image is bounded as above (loose, ~2x).
   Exception: ``circular`` padding by exactly ``k_eff - 1`` in total with the stride dividing the
-  input size *is* the circular convolution on the input's own grid (shifted), bounded directly.
+  input size (and the kernel no larger than the input) *is* the circular convolution on the input's
+  own grid (shifted), bounded directly.
 
 Floating point: every bound is multiplied by ``1 + 1e-9`` (``ROUNDING``), far above the float64
 rounding of the FFT and the products (~1e-15 relative, measured against exact SVDs), so a bound
@@ -139,7 +140,7 @@ def conv2d_bound(conv: nn.Conv2d, hw: tuple[int, int], n_iter: int, weight: torc
     gain, (ph, pw) = 1.0, _pads(conv)
     n_h, n_w = hw[0] + ph, hw[1] + pw                                         # the padded input size N
     if (conv.padding_mode == "circular" and (ph, pw) == (w.shape[-2] - 1, w.shape[-1] - 1)
-            and hw[0] % sh == 0 and hw[1] % sw == 0):
+            and hw[0] % sh == 0 and hw[1] % sw == 0 and w.shape[-2] <= hw[0] and w.shape[-1] <= hw[1]):
         n_h, n_w = hw                                  # exactly the circular convolution on the input's own grid
     elif conv.padding_mode != "zeros":                 # pad (a 0/1 selection), then the valid convolution
         gain = _padding_gain(conv, hw)

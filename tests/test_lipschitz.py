@@ -114,6 +114,16 @@ def test_conv_bound_exact_where_the_layer_is_circular():
         assert exact <= conv2d_bound(conv, hw, 12) <= exact * (1 + 1e-6)
 
 
+def test_circular_padding_with_a_kernel_larger_than_the_image():
+    """Circular padding by k - 1 of an image smaller than the kernel wraps more than once: not the
+    circular convolution on the image's grid, so the general (padding-gain) bound, not a ValueError."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 5, padding=2, padding_mode="circular").double()
+    for hw in ((2, 2), (3, 3)):
+        exact = _exact(lambda t: conv(t) - conv(torch.zeros_like(t)), (1, *hw))
+        assert conv2d_bound(conv, hw, 10) >= exact
+
+
 POOLS = [nn.MaxPool2d(2), nn.MaxPool2d(3, 1, 1), nn.MaxPool2d(3, 2), nn.MaxPool2d(2, 1, 0, 2), nn.AvgPool2d(2),
          nn.AvgPool2d(3, 1, 1), nn.AvgPool2d(3, 2, 1, count_include_pad=False), nn.AvgPool2d(3, 2, ceil_mode=True),
          nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(3)]
