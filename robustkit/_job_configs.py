@@ -141,6 +141,38 @@ class BenchmarkTransferConfig:
 
 
 @dataclass
+class BenchmarkRejectConfig:
+    """CPR selective classification (Chen et al. 2023, ``robustkit reject``'s settings; ``robustkit.app.
+    _bench_reject``); a mapping turns it on. The threat model, seed and attack_params are the benchmark's."""
+
+    enabled: bool = True
+    n_images: int | None = None            # first images evaluated (None: min(benchmark n, 100))
+    preset: str | None = "mnist"           # CPR's defaults: mnist | cifar10 | None (all three below given)
+    eps_rej: str | float | None = None     # rejection radius (None: the preset's)
+    rej_steps: int | None = None           # CPR's inner attack steps (None: the preset's)
+    rej_step_size: float | None = None     # CPR's inner attack step (None: the preset's)
+    alphas: list[float] | None = None      # fractions of eps (None: the code's ALPHA_LIST); 0 is always added
+    attack: str | list[str] = field(default_factory=lambda: ["pgd"])   # outer attacks on the base model
+    steps: int = 20                        # BPDA outer / inner attack steps
+    restarts: int = 1
+    targets: int | None = None             # BPDA target classes (None: every wrong class)
+
+    def __post_init__(self) -> None:
+        from robustkit.validate import integer, number
+
+        self.attack = _name_list(self.attack, "reject.attack", unique=True)
+        _cfg_check("reject.steps", integer, "steps", self.steps, 0)
+        _cfg_check("reject.restarts", integer, "restarts", self.restarts, 1)
+        for key in ("n_images", "rej_steps", "targets"):
+            if getattr(self, key) is not None:
+                _cfg_check(f"reject.{key}", integer, key, getattr(self, key), 1 if key == "n_images" else 0)
+        if self.alphas is not None:
+            if not isinstance(self.alphas, list) or not self.alphas:
+                raise ConfigError(f"reject.alphas: expected a list of numbers in [0, 1], got {self.alphas!r}")
+            self.alphas = [_cfg_check("reject.alphas", number, "alpha", a, 0.0, 1.0) for a in self.alphas]
+
+
+@dataclass
 class BenchmarkConfig:
     """``robustkit benchmark``: a leaderboard of models under one threat model (``configs/benchmark_*.yaml``).
 
@@ -165,6 +197,7 @@ class BenchmarkConfig:
     smoothing: BenchmarkSmoothingConfig = field(default_factory=BenchmarkSmoothingConfig)
     sparsity: BenchmarkSparsityConfig | bool = False   # true / {directions: 16, ...}: adversarial sparsity
     transfer: BenchmarkTransferConfig | bool = False   # true / {sources: [LGV_DIR]}: transfer matrix
+    reject: BenchmarkRejectConfig | bool = False   # true / {steps: 10, ...}: CPR robust accuracy with rejection
     corruptions: str | list[str] | None = None   # common corruptions (all | names) -> corruptions_acc; None: off
     out: str = "runs/benchmark"
 
@@ -189,7 +222,8 @@ class BenchmarkConfig:
         self.eps_grid = _eps_list(self.eps_grid, "eps_grid")
         if isinstance(self.smoothing, dict):
             self.smoothing = from_dict(BenchmarkSmoothingConfig, self.smoothing, "smoothing")
-        for key, cls in (("sparsity", BenchmarkSparsityConfig), ("transfer", BenchmarkTransferConfig)):
+        for key, cls in (("sparsity", BenchmarkSparsityConfig), ("transfer", BenchmarkTransferConfig),
+                         ("reject", BenchmarkRejectConfig)):
             v = getattr(self, key)
             if isinstance(v, bool):
                 setattr(self, key, cls(enabled=v))

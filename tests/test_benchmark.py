@@ -68,7 +68,8 @@ def test_results_json_and_report(bench: tuple[dict[str, Any], Path]) -> None:
     md = (out / "report.md").read_text()
     assert "| rank | model | architecture | clean |" in md and "worst case" in md
     assert (out / "plots" / "robust_accuracy_vs_eps.png").is_file()
-    assert (out / "plots" / "certified_accuracy.png").is_file()
+    assert (out / "plots" / "certified_accuracy_linf.png").is_file()     # IBP; one plot per norm
+    assert (out / "plots" / "certified_accuracy_l2.png").is_file()       # smoothing (L2)
 
 
 def test_accuracies_are_consistent(bench: tuple[dict[str, Any], Path]) -> None:
@@ -182,8 +183,8 @@ def test_cli(model_dirs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_certificates_not_available(tiny_mnist_model: Any, tmp_path: Path) -> None:
-    """IBP on a net it cannot bound and on an L2 threat model -> "n/a" with the reason; smoothing on L2
-    reports certified accuracy at radius eps."""
+    """IBP on a net it cannot bound -> "n/a" with the reason; on an L2 threat model IBP runs in its L2
+    mode, and smoothing reports certified accuracy at radius eps."""
     from robustkit.zoo import RobustModel
 
     tanh = RobustModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.Tanh()),
@@ -197,7 +198,8 @@ def test_certificates_not_available(tiny_mnist_model: Any, tmp_path: Path) -> No
                            certify=["ibp", "smoothing"], sigma=0.25, eps_grid=[], attack_params=quick,
                            smoothing=SMOOTH, progress=False)
     e = res["models"][0]
-    assert e["threat_model"] == "L2" and e["certified"]["ibp"]["status"] == "n/a"
+    assert e["threat_model"] == "L2" and e["certified"]["ibp"]["status"] == "ok"
+    assert e["certified"]["ibp"]["norm"] == "l2"
     assert 0.0 <= e["certified"]["smoothing"]["certified_acc"] <= 1.0
     assert "not the base model" in e["certified"]["smoothing"]["guarantee"]
 

@@ -1,6 +1,8 @@
 """The benchmark's certificates, on the one certification pipeline (``robustkit.app.certify``):
-deterministic ones (IBP / CROWN-IBP, and injected at-eps certifiers) and randomized-smoothing
-certificates of the smoothed classifier, per model (see ``robustkit.app.benchmark``).
+deterministic ones (IBP / CROWN-IBP / Lipschitz in the threat model's norm, and injected at-eps
+certifiers) and randomized-smoothing certificates of the smoothed classifier (``smoothing``, Cohen et
+al.; ``dual-smoothing``, Xia et al. 2024, on ``dual-subimage`` models only), per model (see
+``robustkit.app.benchmark``).
 
 Built-in certifiers run through ``certify_points`` with the benchmark's seed and the images'
 indices, so their per-image certificates equal ``robustkit certify``'s and the quickstart's
@@ -21,10 +23,11 @@ from torch import nn
 
 from robustkit.app._bench_report import acc
 from robustkit.app.certify import Points, certified_at, certify_points
+from robustkit.errors import InputError
 from robustkit.modes import device_of
 
-CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing", "lipschitz")
-ANY_NORM = ("lipschitz",)     # deterministic certifiers benchmarked on L2 and L-inf threat models alike
+CERTIFY_METHODS = ("ibp", "crown-ibp", "smoothing", "dual-smoothing", "lipschitz")
+SMOOTHED = ("smoothing", "dual-smoothing")   # certify the smoothed classifier (L2, probabilistic), not the model
 # an injected deterministic at-eps certifier: (model, x (B, C, H, W), y (B,), eps, norm) -> (B,) bool certified
 Certifier = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
 SMOOTHING_BATCH = 1000        # noisy rows per forward pass at least (results do not depend on it)
@@ -45,14 +48,16 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
                           s: dict[str, Any], certifiers: dict[str, Certifier], seconds: dict[str, float]
                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Deterministic certificates at eps: ``({name: JSON record}, {name: (N,) bool certified at eps})``.
-    Injected ``certifiers`` run on every model; built-in IBP / CROWN-IBP only on L-inf threat models,
-    with their one default bisection (``certify.ibp.IBPCertifier``) split at the benchmark's eps."""
+    Injected ``certifiers`` run on every model (their record: ``certified_acc`` at eps only, no radii);
+    built-in IBP / CROWN-IBP / Lipschitz in the threat model's norm (IBP's L2 mode bounds the first layer
+    by the dual norm), IBP with its one default bisection (``certify.ibp.IBPCertifier``) split at the
+    benchmark's eps, so each record holds the per-image radii and the certified-accuracy curve."""
     import certify  # noqa: F401  (registers the certifiers)
     from certify._layers import UnsupportedLayerError
     from robustkit.registry import CERTIFIERS
 
     dev, eps, norm = device_of(model), s["eps"], s["norm"]
-    names = [c for c in s["certify"] if c != "smoothing"] + [c for c in certifiers if c not in s["certify"]]
+    names = [c for c in s["certify"] if c not in SMOOTHED] + [c for c in certifiers if c not in s["certify"]]
     records: dict[str, Any] = {}
     flags: dict[str, torch.Tensor] = {}
     for c in names:
@@ -62,13 +67,9 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
                 fn = certifiers[c]
                 flags[c] = _batched(lambda xb, yb, f=fn: f(model, xb, yb, eps, norm).bool(), x, y, s["batch_size"],
                                     dev)
-                records[c] = {"status": "ok", "deterministic": True, "eps": eps}
-            elif norm != "linf" and c not in ANY_NORM:
-                records[c] = {"status": "n/a", "reason": f"{c} is benchmarked on L-inf threat models, this is {norm}"}
-                continue
+                records[c] = {"status": "ok", "deterministic": True, "norm": norm, "eps": eps}
             else:
-                certifier = CERTIFIERS.get(c)(norm=norm if c in ANY_NORM else "linf", eps=eps,
-                                              batch_size=s["batch_size"])
+                certifier = CERTIFIERS.get(c)(norm=norm, eps=eps, batch_size=s["batch_size"])
                 res = certify_points(model, Points.first(x, y, s["dataset"]), certifier, seed=s["seed"],
                                      progress=False)
                 flags[c] = certified_at(res, eps)                              # (N,) radius >= eps, correct
@@ -82,25 +83,40 @@ def certify_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, co
 
 
 def certify_smoothing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict[str, Any], sigma: float | None,
-                      seconds: dict[str, float], progress: bool) -> dict[str, Any]:
-    """Cohen et al. CERTIFY on the first ``n_images`` points: certified L2 accuracy of the *smoothed*
-    classifier vs radius (at eps too on L2 threat models). Each certificate holds w.p. >= 1 - alpha."""
+                      seconds: dict[str, float], progress: bool, method: str = "smoothing") -> dict[str, Any]:
+    """CERTIFY of the smoothed classifier on the first ``n_images`` points: certified L2 accuracy vs
+    radius (at eps too on L2 threat models). Each certificate holds w.p. >= 1 - alpha.
+
+    ``method``: ``"smoothing"`` (Cohen et al. 2019, any model) or ``"dual-smoothing"`` (Xia et al. 2024,
+    ``certify.dual_smoothing``: a ``dual-subimage`` model only; any other model gets an ``n/a`` record
+    with the reason). Both use the benchmark's ``sigma``, ``n0``, ``n``, ``alpha``."""
     if sigma is None:
         return {"status": "n/a", "reason": "no sigma: pass --sigma, or benchmark a run trained with the noise "
                                            "defense (its config's defense.params.sigma is used)"}
-    from certify.smoothing import SmoothingCertifier
-
     sm = s["smoothing"]
     m = min(int(sm["n_images"]), x.shape[0])
-    certifier = SmoothingCertifier(sigma=float(sigma), n0=sm["n0"], n=sm["n"], alpha=sm["alpha"],
-                                   batch_size=max(s["batch_size"], SMOOTHING_BATCH))
+    kw = {"sigma": float(sigma), "n0": sm["n0"], "n": sm["n"], "alpha": sm["alpha"],
+          "batch_size": max(s["batch_size"], SMOOTHING_BATCH)}
+    if method == "dual-smoothing":
+        from certify.dual_smoothing import DualSmoothingCertifier
+
+        certifier: Any = DualSmoothingCertifier(**kw)
+        try:
+            certifier.check_model(model)
+        except InputError as e:                   # not a dual-subimage model: recorded, not fatal
+            return {"status": "n/a", "reason": str(e)}
+        what = "the dual smoothed classifier (Xia et al. 2024)"
+    else:
+        from certify.smoothing import SmoothingCertifier
+
+        certifier = SmoothingCertifier(**kw)
+        what = "the smoothed classifier (Cohen et al. 2019)"
     t0 = time.perf_counter()
     res = certify_points(model, Points.first(x[:m], y[:m], s["dataset"]), certifier, seed=s["seed"],
                          progress=progress)
-    seconds["certify_smoothing"] = time.perf_counter() - t0
+    seconds[f"certify_{method}"] = time.perf_counter() - t0
     rec = {**_record(res), "sigma": float(sigma), "n0": sm["n0"], "n": sm["n"], "alpha": sm["alpha"], "n_images": m,
-           "guarantee": "certifies the smoothed classifier (Cohen et al. 2019), not the base model; "
-                        + res["guarantee"]}
+           "guarantee": f"certifies {what}, not the base model; " + res["guarantee"]}
     if s["norm"] == "l2":
         rec["certified_acc"] = acc(certified_at(res, s["eps"]))
     return rec

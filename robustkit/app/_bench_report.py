@@ -16,6 +16,7 @@ from torch import nn
 from robustkit._evaluation import per_class
 from robustkit.app._robustbench import STATUS, THREAT, write_model_infos
 from robustkit.config import BenchmarkConfig
+from robustkit.io import atomic_write, atomic_write_json
 from robustkit.report import fmt, line_plot, md_table, write_markdown, write_results
 
 
@@ -107,7 +108,8 @@ def leaderboard(res: dict[str, Any]) -> list[dict[str, Any]]:
     for i, e in enumerate(leaderboard_order([*res["models"], *res.get("reported", [])])):
         r: dict[str, Any] = {"rank": i + 1, "name": e["name"], "evaluated": e.get("evaluated", True),
                              "clean_acc": e["clean_acc"]}
-        r.update({k: e[k] for k in ("autoattack_acc", "robust_acc") if k in e})
+        r.update({k: e[k] for k in ("autoattack_acc", "robust_acc", "rejection_robust_acc", "rejection_curve_auc")
+                  if k in e})
         if not r["evaluated"]:
             r.update(status=e["status"], source=e["source"])
         rows.append(r)
@@ -147,17 +149,83 @@ def write_plots(out: Path, entries: list[dict[str, Any]], s: dict[str, Any]) -> 
         line_plot(out / "plots" / "robust_accuracy_vs_eps.png", curves, xlabel=f"eps ({THREAT[s['norm']]})",
                   ylabel="robust accuracy (PGD)", title=f"robust accuracy vs eps, {s['dataset']}")
         made.append("plots/robust_accuracy_vs_eps.png")
-    cert = {}
+    for norm, series in certified_curves(entries, s).items():
+        path = f"plots/certified_accuracy_{norm}.png"
+        certified_plot(out / path, series, norm, s["dataset"])
+        atomic_write_json(out / f"plots/certified_accuracy_{norm}.json", {"norm": norm, "series": series})
+        made.append(path)
+    return made
+
+
+NORM_LABEL = {"linf": "L-inf", "l2": "L2"}
+
+
+def certified_curves(entries: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """What the certified-accuracy plots show: ``{norm: {label: {"radius": [...], "certified_accuracy": [...],
+    "model", "certifier", "smoothed", "points"}}}``, one series per (model, certifier) whose record is
+    ``ok``, grouped by the norm its certificate is in (smoothing: always L2), so L2 and L-inf radii never
+    share an axis. Certifiers with per-image radii give their exact curve (``exact_curve``, a step
+    function, ``points`` False); injected at-eps certifiers give the one point ``(eps,
+    certified_acc)`` (``points`` True). Smoothing labels say they certify the smoothed classifier."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for e in entries:
         for c, r in e["certified"].items():
-            if r.get("status") == "ok" and "curve" in r:
-                unit = f"L2, sigma={r['sigma']:g}" if c == "smoothing" else "L-inf"
-                cert[f"{e['name']} {c} ({unit})"] = (r["curve"]["radius"], r["curve"]["certified_accuracy"])
-    if cert:
-        line_plot(out / "plots" / "certified_accuracy.png", cert, xlabel="radius (IBP: L-inf eps; smoothing: L2)",
-                  ylabel="certified accuracy", title="certified accuracy vs radius", step=True)
-        made.append("plots/certified_accuracy.png")
-    return made
+            if r.get("status") != "ok":
+                continue
+            norm = r.get("norm", s["norm"])
+            if r.get("per_sample"):
+                (xs, ys), points = exact_curve(r["per_sample"]), False
+            elif "curve" in r:
+                xs, ys, points = r["curve"]["radius"], r["curve"]["certified_accuracy"], False
+            elif "certified_acc" in r:
+                xs, ys, points = [r.get("eps", s["eps"])], [r["certified_acc"]], True
+            else:
+                continue
+            smoothed = "sigma" in r
+            what = (f"{'dual ' if c == 'dual-smoothing' else ''}smoothed classifier, sigma={r['sigma']:g}"
+                    if smoothed else "at eps only" if points else "")
+            label = f"{e['name']} {c}" + (f" ({what})" if what else "")
+            out.setdefault(norm, {})[label] = {"radius": list(xs), "certified_accuracy": list(ys), "model": e["name"],
+                                               "certifier": c, "smoothed": smoothed, "points": points}
+    return {n: out[n] for n in sorted(out)}
+
+
+def exact_curve(per_sample: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """The exact certified-accuracy step function of per-image records (``radius``, ``correct``):
+    ``xs = [0, r_1 < ... < r_m]`` (the distinct radii of the correct points), ``ys[0]`` the fraction
+    correct, ``ys[k]`` the fraction certified beyond ``r_k`` (radius > r_k): plotted with steps after
+    each ``x``, the curve drops at each certified radius, with no radius grid in between."""
+    n = max(len(per_sample), 1)
+    radii = sorted(float(p["radius"]) for p in per_sample if p["correct"])
+    xs = [0.0, *sorted({r for r in radii if r > 0.0})]
+    ys = [len(radii) / n] + [sum(r > x for r in radii) / n for x in xs[1:]]
+    return xs, ys
+
+
+def certified_plot(path: Path, series: dict[str, dict[str, Any]], norm: str, dataset: str) -> Path:
+    """One PNG of ``certified_curves(...)[norm]``: step curves, single at-eps points as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for label, d in series.items():
+        if d["points"]:
+            ax.plot(d["radius"], d["certified_accuracy"], marker="D", ls="none", label=label)
+        else:
+            ax.step(d["radius"], d["certified_accuracy"], where="post", ls="--" if d["smoothed"] else "-",
+                    label=label)
+    ax.set_xlabel(f"{NORM_LABEL[norm]} radius (pixel space)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"certified accuracy vs {NORM_LABEL[norm]} radius, {dataset}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return Path(path)
 
 
 def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> dict[str, Any]:
@@ -173,6 +241,9 @@ def _row(rank: int, e: dict[str, Any], attacks: list[str], certs: list[str]) -> 
         row["sparsity"] = "n/a" if mean is None else mean
     if "corruptions_acc" in e:
         row["corruptions"] = e["corruptions_acc"]
+    if "rejection_robust_acc" in e:          # CPR: robust accuracy with rejection at alpha 0, curve AUC
+        row["with rejection (CPR)"] = e["rejection_robust_acc"]
+        row["rejection AUC"] = e["rejection_curve_auc"]
     for c in certs:
         r = e["certified"].get(c, {})
         row[f"certified ({c})"] = r.get("certified_acc", "n/a")
@@ -191,7 +262,7 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
     s, entries, reported = res["settings"], res["models"], res.get("reported", [])
     # certified accuracy at eps; smoothing only on L2 threat models (else it has no number at eps)
     certs = list(dict.fromkeys(c for e in entries for c, r in e["certified"].items()
-                               if c != "smoothing" or s["norm"] == "l2"))
+                               if c not in ("smoothing", "dual-smoothing") or s["norm"] == "l2"))
     board = leaderboard_order([*entries, *reported])
     rows = [_row(i + 1, e, s["attacks"], certs) for i, e in enumerate(board) if e.get("evaluated", True)]
     columns = list(rows[0]) if rows else ["rank", "model", "architecture", "clean", "AutoAttack"]
@@ -213,9 +284,20 @@ def markdown(res: dict[str, Any], plots: list[str]) -> str:
              f"{scope}Sorted by {key} accuracy.\n\n", md_table(rows, columns)]
     if reported:
         parts.append(_reported_section(reported))
-    if "smoothing" in s["certify"]:
-        parts.append("\nRandomized smoothing certifies the *smoothed* classifier (L2, with probability >= "
-                     "1 - alpha), not the base model the attacks ran on, so it is not compared against them.\n")
+    if any(c in ("smoothing", "dual-smoothing") for c in s["certify"]):
+        parts.append("\nRandomized smoothing (and dual smoothing) certifies the *smoothed* classifier (L2, with "
+                     "probability >= 1 - alpha), not the base model the attacks ran on, so it is not compared "
+                     "against them.\n")
+    if plots_cert := [p for p in plots if "certified_accuracy_" in p]:
+        parts.append(f"\nCertified accuracy vs radius, one plot per norm ({', '.join(plots_cert)}; the plotted data "
+                     "next to each as .json): every (model, certifier) of that norm; dashed: smoothed classifiers; "
+                     "markers: certifiers known only at eps.\n")
+    if "reject" in s:
+        r = s["reject"]
+        parts.append(f"\n**with rejection (CPR)**: Chen et al. 2023's robust accuracy with rejection at alpha 0 "
+                     f"(rejecting an unperturbed point costs, rejecting a perturbed one is free) on the first "
+                     f"{r['n_images']} images, rejector {r['rejector']}; **rejection AUC**: the robustness curve's "
+                     f"mean over alpha in [{r['alphas'][0]:g}, {r['alphas'][-1]:g}] (see each model's section).\n")
     parts += [f"\n![{p}]({p})\n" for p in plots]
     for e in entries:
         parts.append(_model_section(e))
@@ -260,6 +342,11 @@ def _model_section(e: dict[str, Any]) -> str:
                else f"mean {fmt(sp['mean'])}, median {fmt(sp['median'])}")
         text.append(f"\n- adversarial sparsity: {val} over {sp['n_vulnerable']} vulnerable of the first {sp['n']} "
                     f"points ({sp['directions']} directions; 1 = no constrained attack succeeds)\n")
+    if e.get("rejection"):
+        rj = e["rejection"]
+        text.append(f"\n- CPR rejection ({rj['n']} images): clean rejection rate {fmt(rj['clean_rejection_rate'])}, "
+                    f"robust accuracy with rejection (free) {fmt(rj['robust_accuracy_with_rejection'])}; by alpha: "
+                    + ", ".join(f"{c['alpha']:g}: {fmt(c['robust_accuracy'])}" for c in rj["curve"]) + "\n")
     for c, r in e["certified"].items():
         val = (f"certified accuracy {fmt(r['certified_acc'])} at eps" if "certified_acc" in r else
                _curve_text(r) if r.get("status") == "ok" else f"n/a ({r.get('reason')})")

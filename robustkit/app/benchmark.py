@@ -5,11 +5,14 @@ Per model, on the first ``n`` test images: clean accuracy; every requested attac
 evaluation engine (``robustkit.evaluate``), which verifies every claimed success (label flipped
 on ``x_adv``, ``x_adv`` inside the ball and ``[0, 1]``, ``ThreatModel.contains``) and counts the
 claims that fail; ``robust_acc`` = worst case per point over every attack; AutoAttack's per-point
-sub-attack breakdown; deterministic certificates at ``eps`` (IBP, L-inf) and randomized-
-smoothing certificates (L2, of the *smoothed* classifier, so never compared with attacks on
-the base model); robust accuracy vs eps with our PGD; seconds for each part. Optionally the
-adversarial sparsity of each model (``sparsity``) and the transfer success matrix between the
-models, LGV collections as extra sources (``transfer``; ``transfer_matrix`` in results.json).
+sub-attack breakdown; deterministic certificates in the threat norm (IBP / CROWN-IBP /
+Lipschitz, per-image radii) and randomized-smoothing certificates (L2, of the *smoothed*
+classifier -- Cohen et al., and dual smoothing on dual-subimage models -- so never compared with
+attacks on the base model), plotted per norm (``plots/certified_accuracy_<norm>.png``); robust
+accuracy vs eps with our PGD; seconds for each part. Optionally the adversarial sparsity of
+each model (``sparsity``) and the transfer success matrix between the models, LGV collections
+as extra sources (``transfer``; ``transfer_matrix`` in results.json), and CPR's robust
+accuracy with rejection (``reject``; Chen et al. 2023).
 
 Consistency flags: points one of our attacks breaks but AutoAttack did not, and -- raised as
 ``SoundnessError`` after everything is written -- points an attack broke although a
@@ -36,8 +39,9 @@ from tqdm.auto import tqdm
 
 from robustkit.app import _bench_report as rep
 from robustkit.app._bench_attacks import bench_attack, eps_curve, run_attacks
-from robustkit.app._bench_certify import CERTIFY_METHODS, Certifier, certify_deterministic, certify_smoothing
+from robustkit.app._bench_certify import CERTIFY_METHODS, SMOOTHED, Certifier, certify_deterministic, certify_smoothing
 from robustkit.app._bench_models import ModelsArg, load_models, run_sigma
+from robustkit.app._bench_reject import reject_settings
 from robustkit.app._bench_sparsity import check_sparsity, sparsity_entry, sparsity_settings
 from robustkit.app._robustbench import reported_entries
 from robustkit.app.shard import broadcast, check_enough, setup, world
@@ -65,14 +69,16 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
                   attack_params: Mapping[str, Mapping[str, Any]] | None = None,
                   smoothing: Mapping[str, Any] | None = None, certifiers: Mapping[str, Certifier] | None = None,
                   sparsity: bool | Mapping[str, Any] = False, transfer: bool | Mapping[str, Any] = False,
-                  device: torch.device | str | None = None, data_root: str | None = None, download: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
+                  reject: bool | Mapping[str, Any] = False, device: torch.device | str | None = None,
+                  data_root: str | None = None, download: bool = False, progress: bool = True) -> dict[str, Any]:
     """The keyword front of ``benchmark``: builds the ``BenchmarkConfig`` (same keys) and runs it.
 
     Args:
         models: run directories / model directories / ``RobustModel`` objects, or ``{name: ...}``.
         attacks: registered attack names (``autoattack``, ``pgd``, ``deepfool``, ``fast``, ...).
-        certify: ``ibp``, ``crown-ibp`` (deterministic, L-inf, at ``eps``), ``smoothing`` (L2).
+        certify: ``ibp``, ``crown-ibp``, ``lipschitz`` (deterministic, in the threat norm, at ``eps`` and as
+            radii), ``smoothing``, ``dual-smoothing`` (L2, of the smoothed classifier; dual: ``dual-subimage``
+            models only, others get an ``n/a`` record with the reason).
         sigma: smoothing noise level; default: the run's config (``defense: noise``, ``sigma``).
         eps_grid: eps values for the PGD robustness curve (default: 5 points from 0 to ``eps``;
             ``[]`` skips the curve).
@@ -83,6 +89,9 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
             ``robustkit.app._bench_sparsity``): entry key ``adversarial_sparsity``.
         transfer: the transfer success matrix between the models (``True`` or ``{"steps", "step_size",
             "sources": [LGV collection dirs]}``; ``robustkit.app._bench_transfer``): ``transfer_matrix``.
+        reject: CPR selective classification per model (``True`` or ``robustkit reject``'s settings, e.g.
+            ``{"steps": 10, "n_images": 50}``; ``robustkit.app._bench_reject``): entry keys ``rejection``,
+            ``rejection_robust_acc`` (alpha 0) and ``rejection_curve_auc``.
         certifiers: extra deterministic certifiers ``{name: fn(model, x, y, eps, norm) -> (B,) bool}``;
             they run on every model and take part in the soundness check.
         device: where the models run (default: where they are; loaded models: CPU).
@@ -93,7 +102,8 @@ def run_benchmark(models: ModelsArg, out: str | Path, *, dataset: str = "mnist5k
         "seed": seed, "attack_params": {k: dict(v) for k, v in (attack_params or {}).items()},
         "smoothing": dict(smoothing or {}),
         "sparsity": sparsity if isinstance(sparsity, bool) else dict(sparsity),
-        "transfer": transfer if isinstance(transfer, bool) else dict(transfer), "out": str(out),
+        "transfer": transfer if isinstance(transfer, bool) else dict(transfer),
+        "reject": reject if isinstance(reject, bool) else dict(reject), "out": str(out),
         "data_root": data_root, "download": download})
     return benchmark(cfg, models, certifiers=certifiers, device=device, progress=progress)
 
@@ -163,7 +173,7 @@ def settings(cfg: BenchmarkConfig, certifiers: Mapping[str, Certifier]) -> dict[
         raise ConfigError(f"unknown certifier {unknown[0]!r}; valid certifiers: {', '.join(valid)}")
     sm = cfg.smoothing
     smoothing = {"n0": sm.n0, "n": sm.n, "alpha": sm.alpha, "n_images": sm.n_images or min(cfg.n, 100)}
-    if "smoothing" in cfg.certify:
+    if any(c in SMOOTHED for c in cfg.certify):
         from certify.smoothing import validate_params
 
         validate_params(cfg.sigma or 1.0, sm.n0, sm.n, sm.alpha)
@@ -173,7 +183,8 @@ def settings(cfg: BenchmarkConfig, certifiers: Mapping[str, Certifier]) -> dict[
             **({"sparsity": sparsity_settings(cfg)} if cfg.sparsity.enabled else {}),
             **({"transfer": {"steps": cfg.transfer.steps, "step_size": cfg.transfer.step_size,
                              "sources": list(cfg.transfer.sources)}} if cfg.transfer.enabled else {}),
-            **({"corruptions": list(cfg.corruptions)} if cfg.corruptions else {})}
+            **({"corruptions": list(cfg.corruptions)} if cfg.corruptions else {}),
+            **({"reject": reject_settings(cfg)} if cfg.reject.enabled else {})}
 
 
 def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tensor, y: torch.Tensor,
@@ -196,9 +207,9 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
     correct = ev.clean_correct                                                 # (N,)
     seconds: dict[str, float] = {"clean": ev.clean_seconds}
     certified, cert_flags = certify_deterministic(model, x, y, correct, s, certifiers, seconds)
-    if "smoothing" in cfg.certify:
+    for method in (c for c in cfg.certify if c in SMOOTHED):     # smoothing, dual-smoothing (same sigma)
         sigma = cfg.sigma if cfg.sigma is not None else run_sigma(source)
-        certified["smoothing"] = certify_smoothing(model, x, y, s, sigma, seconds, progress)
+        certified[method] = certify_smoothing(model, x, y, s, sigma, seconds, progress, method)
     broken = {a: ev.broken[i] for i, a in enumerate(cfg.attacks)}           # attack -> (N,) bool, verified
     subs = {a: ev.sub_attacks[i] for i, a in enumerate(cfg.attacks)}
     seconds.update({a: st.seconds for a, st in zip(cfg.attacks, ev.stats)})
@@ -209,6 +220,10 @@ def _model_entry(name: str, model: nn.Module, source: str | None, x: torch.Tenso
                            seconds, labels=ev.y)
     if cfg.sparsity.enabled:
         entry["adversarial_sparsity"] = sparsity
+    if cfg.reject.enabled:                  # CPR (Chen et al. 2023): robust accuracy with rejection
+        from robustkit.app._bench_reject import reject_entry
+
+        entry.update(reject_entry(model, x, y, cfg, s, entry["seconds"]))
     if cfg.corruptions:                     # common corruptions (robustkit.app.corruptions): corruptions_acc[_<c>]
         from robustkit.app.corruptions import benchmark_entry
 

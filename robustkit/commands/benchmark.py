@@ -6,6 +6,8 @@
     robustkit benchmark ... --param pgd.steps=20 --param autoattack.attacks=[apgd-ce,apgd-t]
     robustkit benchmark --models runs/trades model_info/cifar10/Linf/Carmon2019Unlabeled.json --dataset cifar10 ...
     robustkit benchmark --models runs/a runs/b --sparsity --transfer-sources runs/lgv-a --out DIR   # see robustkit lgv
+    robustkit benchmark --models runs/noise runs/dual --norm l2 --eps 0.5 --certify ibp,smoothing,dual-smoothing
+    robustkit benchmark --models runs/trades --reject --set reject.steps=10 --out DIR   # CPR, see robustkit reject
 
 Per model: clean accuracy, each attack's robust accuracy (each attack on every clean-correct
 point, every claimed success verified), the worst case per point, AutoAttack's per-point
@@ -17,6 +19,12 @@ writing everything) if an attack broke a point that a deterministic certifier ce
 can be and still hold an adversarial example; higher = more robust); --transfer the transfer success
 matrix between the models (rows: sources, columns: targets; LGV collections as extra rows with
 --transfer-sources): results.json transfer_matrix, a table in report.md, plots/transfer_matrix.png.
+--reject adds CPR's robust accuracy with rejection (Chen et al. 2023) at alpha 0 and its curve AUC
+(settings as robustkit reject's: --set reject.eps_rej=0.1 --set reject.n_images=50 ...).
+
+Certified accuracy vs radius: plots/certified_accuracy_<norm>.png (.json: the plotted data), one per
+norm (L2: lipschitz / ibp on L2 benchmarks, smoothing, dual-smoothing; L-inf: ibp, crown-ibp, lipschitz),
+one curve per (model, certifier); dual-smoothing only certifies dual-subimage models (others: n/a).
 
 Every evaluated model is also written as a RobustBench model_info file, robustbench/<name>.json
 (autoattack_acc only for standard AutoAttack on the whole test set; otherwise a footnote says what
@@ -38,7 +46,7 @@ FLAGS = {"models": "models", "dataset": "dataset", "data_root": "data_root", "do
          "batch_size": "batch_size", "out": "out", "seed": "seed", "smooth_n": "smoothing.n",
          "smooth_n0": "smoothing.n0", "alpha": "smoothing.alpha", "smooth_images": "smoothing.n_images",
          "corruptions": "corruptions", "sparsity": "sparsity.enabled", "transfer": "transfer.enabled",
-         "transfer_sources": "transfer.sources"}
+         "transfer_sources": "transfer.sources", "reject": "reject.enabled"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", help="comma-separated registered attacks (default autoattack,pgd,deepfool)")
     p.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="attack keyword override (repeatable), e.g. pgd.steps=20, autoattack.version=plus")
-    p.add_argument("--certify", help="comma-separated: ibp, crown-ibp (L-inf, at eps), smoothing (L2)")
+    p.add_argument("--certify", help="comma-separated: ibp, crown-ibp, lipschitz (the threat norm), smoothing, "
+                                     "dual-smoothing (L2, of the smoothed classifier)")
     p.add_argument("--sigma", type=float, help="smoothing noise level (default: the run's noise-defense sigma)")
     p.add_argument("--smooth-n", type=int, help="smoothing estimation samples (default 10000)")
     p.add_argument("--smooth-n0", type=int, help="smoothing selection samples (default 100)")
@@ -69,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the models (I-FGSM on each source, checked on each target)")
     p.add_argument("--transfer-sources", nargs="+", metavar="DIR", help="extra transfer sources (rows): LGV "
                    "collections from robustkit lgv, or model directories (implies --transfer)")
+    p.add_argument("--reject", action="store_const", const=True, help="also CPR's robust accuracy with rejection "
+                   "(Chen et al. 2023; settings: --set reject.steps=10 ...)")
     p.add_argument("--batch-size", type=int, help="images per attack batch (default 256)")
     p.add_argument("--out", help="output directory (default runs/benchmark)")
     add_config_args(p, "benchmark")
@@ -100,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
             sp = e["adversarial_sparsity"]
             mean = "n/a" if sp["mean"] is None else f"{sp['mean']:.4f}"
             print(f"{e['name']}: adversarial sparsity {mean} (mean over {sp['n_vulnerable']} vulnerable points)")
+    for e in res["models"]:
+        if "rejection_robust_acc" in e:
+            print(f"{e['name']}: robust accuracy with rejection (CPR, alpha 0) {e['rejection_robust_acc']:.4f}, "
+                  f"curve AUC {e['rejection_curve_auc']:.4f}")
     if res.get("transfer_matrix"):
         tm = res["transfer_matrix"]
         print("transfer success (rows: source, columns: target " + ", ".join(tm["targets"]) + "):")
