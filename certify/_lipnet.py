@@ -9,7 +9,8 @@ Normalize then net; the built-in residual nets by their known ``forward``) and m
     MaxPool2d              sqrt(m), m = the most windows one pixel falls in (1 if they do not overlap)
     AvgPool2d / Adaptive   sqrt(max row sum * max column sum) of the (nonnegative) operator (Schur test)
     Flatten, Identity, Dropout (eval)   1
-    trusted modules        ``m.lipschitz_bound()`` (any module defining it; not descended into)
+    trusted modules        ``m.lipschitz_bound()`` (any module defining it; not descended into; a
+                           ``LipschitzNet`` ending the model as body x LLN head, for pairwise radii)
     PreActBlock            L(branch) + L(shortcut): 1 + L(branch) for the identity shortcut
 
 Per-channel scales are *folded*, never bounded alone where avoidable: ``Normalize`` (``1/std``) and
@@ -37,6 +38,8 @@ from torch import nn
 
 from certify._gram import ROUNDING, conv2d_bound, matrix_bound
 from certify._layers import UnsupportedLayerError
+from robustkit._lipschitz_layers import LLNHead
+from robustkit._lipschitz_nets import LipschitzNet
 from robustkit.nets import PreActBlock, PreActResNet, WideResNet
 from robustkit.zoo import Normalize, RobustModel
 
@@ -133,7 +136,10 @@ class Walk:
     def visit(self, m: nn.Module, path: str) -> None:
         if callable(getattr(m, "lipschitz_bound", None)):              # trusted as-is, not descended into
             self.flush(path)
-            self.factor(path, type(m).__name__, float(m.lipschitz_bound()))
+            if m is self.head:                                         # a LipschitzNet ending the model
+                self.lipnet_head(m, path)
+            else:
+                self.factor(path, type(m).__name__, float(m.lipschitz_bound()))
             self.run(m)
         elif isinstance(m, RobustModel):
             if getattr(m, "resize", None) is not None:
@@ -147,6 +153,14 @@ class Walk:
             _NETS[type(m)](self, m, path)
         else:
             self.leaf(m, path)
+
+    def lipnet_head(self, m: LipschitzNet, path: str) -> None:
+        """``head(body(x))`` of a ``LipschitzNet`` as two factors (their product is its ``lipschitz_bound()``),
+        the LLN head's normalised rows kept for the per-class-pair constants (as the LiResNet code certifies)."""
+        self.factor(f"{path}.body", "LipschitzNet body", float(m.body_lipschitz_bound()))
+        bound = float(m.head.lipschitz_bound())
+        self.factor(f"{path}.head", type(m.head).__name__, bound)
+        self.head_weight, self.head_bound = m.head.get_weight().detach().double(), bound
 
     def sequence(self, children: list[tuple[str, nn.Module]], path: str) -> None:
         """Children in order; a BatchNorm right after a Conv2d / Linear is folded into its output rows."""
@@ -297,10 +311,18 @@ _NETS: dict[type[nn.Module], Callable[[Walk, nn.Module, str], None]] = {
     PreActBlock: _preact_block, PreActResNet: _resnet, WideResNet: _resnet}
 
 
+def _lln_net(m: nn.Module) -> bool:
+    """A built-in Lipschitz net (``head(body(x))``, its own forward) with an ``LLNHead``."""
+    return type(m) is LipschitzNet and type(m.head) is LLNHead
+
+
 def _final_linear(model: nn.Module) -> nn.Module | None:
-    """The plain ``nn.Linear`` whose output is the logits (trailing Identity / Dropout aside), else None."""
+    """The plain ``nn.Linear`` whose output is the logits (trailing Identity / Dropout aside), or the
+    ``LipschitzNet`` whose LLN head it is, else None."""
     m = model.net if isinstance(model, RobustModel) else model
-    while not callable(getattr(m, "lipschitz_bound", None)):
+    while not callable(getattr(m, "lipschitz_bound", None)) or _lln_net(m):
+        if _lln_net(m):
+            return m                                    # logits = its LLN head (a Linear of normalised rows)
         if _plain_sequential(m):
             kids = list(m.children())
             while kids and _is(kids[-1], nn.Identity, nn.Dropout):

@@ -185,7 +185,8 @@ class LipschitzCertifier:
     (computed once per model and cached). ``pairwise=True`` takes the larger of that and the
     per-class-pair radius (``pairwise_radius``: the final Linear's rows ``||W'_top - W'_j||`` instead
     of ``sqrt(2) ||W'||``; sound, never smaller; the global radius where the logits are not a final
-    Linear's output). Never abstains. ``eps`` (optional) is the threat radius
+    Linear's output -- an ``sll-small`` / ``liresnet-small`` net's LLN head counts, as the LiResNet code
+    certifies). Never abstains. ``eps`` (optional) is the threat radius
     the report marks; ``batch_size`` images per forward pass. Models with a layer that has no
     rule raise ``UnsupportedLayerError`` (exit 2 from the CLI).
     """

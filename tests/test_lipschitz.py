@@ -346,6 +346,27 @@ def test_pairwise_radius_is_exact_for_a_linear_model():
     assert bool((LipschitzCertifier()(m, x).radius <= pair * (1 + 1e-12)).all())
 
 
+@pytest.mark.parametrize("arch", ["sll-small", "liresnet-small"])
+def test_pairwise_constants_of_the_lipschitz_nets(arch):
+    """An EMMA net (``LipschitzNet``: body + LLN head) gets the per-class-pair constants it is trained for:
+    every pair margin's gradient is below ``body * ||W_i - W_j||``, the global constant is the net's own
+    bound, and the pairwise radii are never smaller than the global ones (larger on these points)."""
+    from robustkit._lipschitz_nets import model_lipschitz
+
+    torch.manual_seed(0)
+    m = create(arch, 10, (1, 28, 28), width=8, dense=32).double().eval()
+    b = lipschitz_constant(m)
+    assert b.value == pytest.approx(model_lipschitz(m), rel=1e-6)
+    assert b.body is not None and b.pair_norms.shape == (10, 10)
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for xi in x:
+        jac = torch.autograd.functional.jacobian(lambda t: m(t[None])[0], xi).flatten(1)     # (10, 784)
+        pair = (jac[:, None] - jac[None]).norm(dim=2)                                        # (10, 10)
+        assert bool((pair <= b.body * b.pair_norms).all())
+    glob, pw = LipschitzCertifier()(m, x).radius, LipschitzCertifier(pairwise=True)(m, x).radius
+    assert bool((pw >= glob).all()) and bool((pw > glob * 1.01).any())
+
+
 def test_pairwise_folds_a_batchnorm_before_the_head_and_falls_back_without_one():
     net = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
                         nn.Dropout(0.5))
