@@ -35,6 +35,7 @@ from torch import nn
 from defenses._adversarial import check_positive, resolve_preset
 from defenses.base import Defense, StepContext
 from robustkit._lipschitz_nets import lipschitz_split
+from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
 from robustkit.threat import parse_eps
 from robustkit.validate import number
@@ -91,6 +92,12 @@ class EMMA(Defense):
         """``eps_train`` after ``progress`` (in [0, 1]) of training."""
         ratio = 1.0 if self.ramp_fraction == 0 else min(progress / self.ramp_fraction, 1.0)
         return self.eps * (self.min_ratio + (self.max_ratio - self.min_ratio) * ratio)
+
+    def check_model(self, model: nn.Module) -> None:
+        """``InputError`` unless ``model`` has the split EMMA needs (the train pipeline asks before it writes
+        anything). Eval mode and no gradient: nothing is updated (LiResConv's power-iteration state)."""
+        with torch.no_grad(), eval_mode(model):
+            lipschitz_split(model)
 
     def before_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
         self._eps_train = self.eps_at(ctx.progress)

@@ -254,6 +254,16 @@ def test_cli_train_emma_one_epoch(tmp_path):
     assert isinstance(model.net, LipschitzNet) and model_lipschitz(model) > 0
 
 
+def test_cli_train_emma_refuses_a_model_without_the_split(tmp_path):
+    from robustkit.cli import main
+
+    out = tmp_path / "bad"
+    rc = main(["train", "--arch", "lenet", "--dataset", "mnist5k", "--defense", "emma", "--epochs", "1",
+               "--set", "data.n_train=50", "--set", "eval.attack=null", "--set", "defense.params.preset=mnist",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 2 and not out.exists()                                # refused before anything is written
+
+
 def test_recipe_loads_and_builds():
     from pathlib import Path
 
