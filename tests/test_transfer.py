@@ -192,3 +192,14 @@ def test_out_that_is_a_file_is_an_input_error(tmp_path: Path, tiny_mnist_model: 
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):
         with pytest.raises(InputError, match="output directory"):
             collect_lgv(tiny_mnist_model, out, **LGV_KW)
+
+
+def test_a_model_without_trainable_weights_is_refused_before_out_is_made(tmp_path: Path,
+                                                                         tiny_mnist_model: RobustModel) -> None:
+    """A fixed-alpha mix composite (frozen members) has nothing to train: an InputError up front, no empty --out
+    (was a raw autograd RuntimeError at the first batch, after the directory was made)."""
+    from robustkit.mix import mix_model
+
+    with pytest.raises(InputError, match="none to train"):
+        collect_lgv(mix_model(tiny_mnist_model, tiny_mnist_model, alpha=0.5), tmp_path / "c", **LGV_KW)
+    assert not (tmp_path / "c").exists()

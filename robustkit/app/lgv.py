@@ -87,6 +87,9 @@ def collect_lgv(model: str | Path | RobustModel, out: str | Path, *, dataset: st
     net = copy.deepcopy(model) if isinstance(model, nn.Module) else load(model)
     if not isinstance(net, RobustModel):
         raise InputError(f"LGV needs a RobustModel (saved with robustkit.zoo.save), got {type(net).__name__}")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise InputError(f"LGV trains the source model's weights, and {net.arch!r} has none to train (a mix "
+                         "composite's members are frozen): collect the snapshots of a member instead")
     if device is not None:
         net = net.to(device)
     info = dataset_info(dataset)
