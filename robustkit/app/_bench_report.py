@@ -151,7 +151,7 @@ def write_plots(out: Path, entries: list[dict[str, Any]], s: dict[str, Any]) -> 
         made.append("plots/robust_accuracy_vs_eps.png")
     for norm, series in certified_curves(entries, s).items():
         path = f"plots/certified_accuracy_{norm}.png"
-        certified_plot(out / path, series, norm, s["dataset"])
+        certified_plot(out / path, series, norm, s["dataset"], s["eps"] if norm == s["norm"] else None)
         atomic_write_json(out / f"plots/certified_accuracy_{norm}.json", {"norm": norm, "series": series})
         made.append(path)
     return made
@@ -202,8 +202,10 @@ def exact_curve(per_sample: list[dict[str, Any]]) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def certified_plot(path: Path, series: dict[str, dict[str, Any]], norm: str, dataset: str) -> Path:
-    """One PNG of ``certified_curves(...)[norm]``: step curves, single at-eps points as markers."""
+def certified_plot(path: Path, series: dict[str, dict[str, Any]], norm: str, dataset: str,
+                   eps: float | None = None) -> Path:
+    """One PNG of ``certified_curves(...)[norm]``: step curves, single at-eps points as markers, and the
+    threat model's ``eps`` (when it is in this norm) as a dotted vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,6 +218,8 @@ def certified_plot(path: Path, series: dict[str, dict[str, Any]], norm: str, dat
         else:
             ax.step(d["radius"], d["certified_accuracy"], where="post", ls="--" if d["smoothed"] else "-",
                     label=label)
+    if eps is not None:
+        ax.axvline(eps, color="grey", ls=":", lw=1, label=f"threat eps = {eps:g}")
     ax.set_xlabel(f"{NORM_LABEL[norm]} radius (pixel space)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0.0, 1.0)
