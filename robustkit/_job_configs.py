@@ -189,7 +189,7 @@ class BenchmarkConfig:
     n: int = 1000                          # first n test images
     attacks: str | list[str] = field(default_factory=lambda: ["autoattack", "pgd", "deepfool"])
     attack_params: dict[str, Any] = field(default_factory=dict)
-    certify: str | list[str] = field(default_factory=list)   # ibp, crown-ibp (L-inf at eps), smoothing (L2)
+    certify: str | list[str] = field(default_factory=list)   # ibp, crown-ibp, lipschitz; smoothing, dual-smoothing
     sigma: float | None = None             # smoothing noise (None: the run's noise-defense sigma)
     eps_grid: str | list[str] | None = None
     batch_size: int = 256
