@@ -168,3 +168,11 @@ def test_cli_bad_reject_exits_2(tiny_mnist_model: Any, tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert code == 2 and "reject.restarts" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_ibp_on_a_large_l2_eps(tiny_mnist_model: Any, tmp_path: Path) -> None:
+    """An L2 eps beyond IBP's default bisection top (1.0) is certified, not refused mid-run."""
+    res = bm.run_benchmark({"tiny": tiny_mnist_model}, tmp_path, n=4, norm="l2", eps=1.5, attacks=["pgd"],
+                           certify=["ibp"], eps_grid=[], attack_params=QUICK, progress=False)
+    ibp = res["models"][0]["certified"]["ibp"]
+    assert ibp["status"] == "ok" and ibp["params"]["max_eps"] == 3.0 and ibp["norm"] == "l2"
