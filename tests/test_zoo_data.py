@@ -10,8 +10,10 @@ from robustkit.zoo import RobustModel, create, from_pretrained_file, load, save
 
 SHAPES = {"ibp-small": (1, 28, 28), "ibp-medium": (1, 28, 28), "ibp-large": (1, 28, 28), "lenet": (1, 28, 28),
           "preact-resnet18": (3, 32, 32), "wrn": (3, 32, 32), "wrn-28-10": (3, 32, 32), "wrn-34-10": (3, 32, 32)}
-SHAPES.update({"dual-subimage": (1, 28, 28), "denoised": (1, 28, 28)})
-KW = {"wrn": {"depth": 10, "widen_factor": 1}, "denoised": {"depth": 3, "width": 8}}
+SHAPES.update({"dual-subimage": (1, 28, 28), "denoised": (1, 28, 28), "sll-small": (1, 28, 28),
+               "liresnet-small": (1, 28, 28), "mix": (1, 28, 28)})
+KW = {"wrn": {"depth": 10, "widen_factor": 1}, "denoised": {"depth": 3, "width": 8},
+      "mix": {"mixing_net": True, "alpha": None, "width": 4}}
 
 
 @pytest.mark.parametrize("arch", MODELS.names())
