@@ -147,9 +147,10 @@ def certified_radius(logits: torch.Tensor, lipschitz: float, norm: str = "l2", d
         raise InputError(f"logits must be (B, K) with K >= 2, got {tuple(logits.shape)}")
     if norm == "linf" and dim is None:
         raise InputError("the L-inf radius needs the input dimension dim = C * H * W")
-    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not math.isfinite(lipschitz) \
-            or lipschitz < 0:                          # NaN > 0 is False: it would certify an infinite radius
-        raise InputError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, numbers.Real) or not lipschitz >= 0:
+        raise InputError(f"lipschitz must be a number >= 0, got {lipschitz!r}")   # NaN > 0 is False: radius inf
+    if math.isinf(lipschitz):                                                     # an overflowed product
+        return logits.argmax(dim=1), torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
     margin = _margin(logits)                                                        # (B,) >= 0
     radius = margin / (math.sqrt(2.0) * lipschitz) if lipschitz > 0 else torch.full_like(margin, math.inf)
     if norm == "linf":

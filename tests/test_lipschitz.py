@@ -311,9 +311,10 @@ def test_certified_radius_formula():
     assert float(capped.max()) == 4.0                                            # the [0, 1] box's diameter
     with pytest.raises(InputError):
         certified_radius(logits[:, :1], 1.0)
-    for bad in (float("nan"), -1.0, float("inf")):          # NaN > 0 is False: it gave an infinite radius
+    for bad in (float("nan"), -1.0, "2"):                   # NaN > 0 is False: it gave an infinite radius
         with pytest.raises(InputError, match="lipschitz must be"):
             certified_radius(logits, bad)
+    assert certified_radius(logits, math.inf)[1].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_input_shape_mismatch_is_an_input_error(tiny_mnist_model):
