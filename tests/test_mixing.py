@@ -185,6 +185,10 @@ def test_cli_mix_then_train_and_attack(tmp_path, capsys) -> None:
                  "--epochs", "1", "--out", str(tmp_path / "run-fixed"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mixing network of a mix composite" in err[0] and not (tmp_path / "run-fixed").exists()
+    assert main(["train", "--model", str(tmp_path / "mix"), "--dataset", "mnist5k", "--defense", "standard",
+                 "--epochs", "1", "--out", str(tmp_path / "run-frozen"), "--device", "cpu"]) == 2   # nothing to train
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no trainable parameters" in err[0] and not (tmp_path / "run-frozen").exists()
     assert main(["mix", "--standard", str(tmp_path / "std"), "--robust", str(tmp_path / "rob"), "--alpha", "2",
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

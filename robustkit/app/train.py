@@ -52,7 +52,7 @@ from robustkit.app import shard
 from robustkit.app.build import build_attack
 from robustkit.config import TrainConfig, dump_yaml, to_dict
 from robustkit.data import Data, TensorLoader, dataset_info, load_data, make_loader
-from robustkit.errors import CheckpointError, ConfigError, RobustkitError
+from robustkit.errors import CheckpointError, ConfigError, InputError, RobustkitError
 from robustkit.evaluate import clean_accuracy, robust_accuracy
 from robustkit.registry import DEFENSES
 from robustkit.report import line_plot, md_table, write_markdown, write_results
@@ -251,6 +251,9 @@ def train(cfg: TrainConfig, out: str | Path, device: torch.device, resume: bool 
         for d in (defense, getattr(defense, "inner", None)):   # an objective that needs a kind of model (denoiser-*)
             if callable(getattr(d, "check_model", None)):
                 d.check_model(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise InputError(f"model {cfg.model.arch!r} has no trainable parameters (e.g. a fixed-alpha mix of two "
+                             "frozen members): nothing to train; build it with a mixing network or train a member")
         loader = make_loader(cfg.data.name, "train", batch_size=cfg.data.batch_size, n=cfg.data.n_train,
                              seed=cfg.seed, augment=cfg.data.augment, data_root=cfg.data.root,
                              download=cfg.data.download, rank=world.rank, world_size=world.size, device=device)
