@@ -99,16 +99,22 @@ def objective_params(defense: str, s: dict[str, Any]) -> dict[str, Any]:
         return {"preset": "mnist", "eps": eps, "step_size": round(1.25 * eps, 6)}
     p: dict[str, Any] = {"preset": "mnist", "eps": eps, "steps": s["steps"],
                          "step_size": round(2.5 * eps / s["steps"], 6)}
-    if defense == "dafa":          # class weights from the first epoch's statistics, then DAFA
-        p["warmup"] = max(1, s["epochs"] // 2)
+    if defense == "dafa":          # class weights from the first half's statistics, then DAFA
+        p["warmup"] = max(1, method_epochs(defense, s) // 2)
     return p
+
+
+def method_epochs(defense: str, s: dict[str, Any]) -> int:
+    """The shared budget in epochs; DAFA needs one more when the budget is a single epoch (its class
+    weights come from a warm-up epoch's statistics and are used from the next one: Lee et al. 2024)."""
+    return max(2, s["epochs"]) if defense == "dafa" else s["epochs"]
 
 
 def finetune_config(s: dict[str, Any], label: str, pretrained: str | None) -> TrainConfig:
     """Fine-tuning from the standard checkpoint (``pretrained``), or its pretraining (``None``)."""
     defense, wp = METHODS[label] if pretrained else ("standard", None)
     return from_dict(TrainConfig, {
-        "epochs": s["epochs"] if pretrained else s["pretrain_epochs"], "seed": 0,
+        "epochs": method_epochs(defense, s) if pretrained else s["pretrain_epochs"], "seed": 0,
         "model": {"arch": s["arch"], "pretrained": pretrained},
         "data": {"name": s["dataset"], "batch_size": s["batch_size"], "n_train": s["n_train"],
                  "root": s.get("data_root")},
@@ -201,13 +207,13 @@ def ordering_agreement(ours: dict[str, float], theirs: dict[str, float]) -> dict
 
 def table(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
     aa = "AutoAttack (standard)" if s["autoattack"] == "standard" else "APGD-CE x5 (NOT standard AutoAttack)"
-    lines = [f"| method | clean | {aa}, eps {s['eps']:.4g} | worst-class robust | train time vs standard "
-             "| paper (CIFAR-10): clean / AA, arch |", "|---|---|---|---|---|---|"]
+    lines = [f"| method | epochs | clean | {aa}, eps {s['eps']:.4g} | worst-class robust | train time vs standard "
+             "| paper (CIFAR-10): clean / AA, arch |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("paper")
         aa_c = "-" if not c or c["autoattack"] is None else f"{c['autoattack']:.2f}"
         paper = f"{c['clean']:.2f} / {aa_c}, {c['arch']}{' (extra data)' if c['extra_data'] else ''}" if c else "-"
-        lines.append(f"| {r['method']} | {r['clean_acc']:.3f} | {r['autoattack_acc']:.3f} | "
+        lines.append(f"| {r['method']} | {r['epochs']} | {r['clean_acc']:.3f} | {r['autoattack_acc']:.3f} | "
                      f"{r['worst_class_robust_acc']:.3f} | {r['time_vs_standard']:.2f}x | {paper} |")
     return "\n".join(lines)
 
@@ -243,6 +249,8 @@ def bench(a: argparse.Namespace, device: torch.device, work: Path) -> int:
     for label in labels:
         e = entries[label]
         rows.append({"method": label, "defense": METHODS[label][0], "weight_perturbation": METHODS[label][1],
+                     "epochs": recipe_config(s, label).epochs if s["profile"] == "cifar10"
+                     else method_epochs(METHODS[label][0], s),
                      "clean_acc": e["clean_acc"], "autoattack_acc": e["autoattack_acc"],
                      "worst_class_robust_acc": e["worst_class_robust_acc"], "worst_class": e["worst_class"],
                      "train_seconds": seconds[label], "time_vs_standard": seconds[label] / seconds["standard"],
