@@ -36,6 +36,18 @@ def robustkit(argv: Sequence[str], nproc: int = 1, timeout: float = 300,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env))
 
 
+def run_script(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """Run a test file as a torchrun worker script (``torchrun --standalone ... SCRIPT ARGS``) from the
+    repository root, with the root on ``PYTHONPATH`` (the workers import ``tests.*``); fails the test
+    with the output's tails unless every rank exits 0."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = _env({"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def _children(pid: int) -> list[int]:
     """Direct child processes of ``pid`` (from /proc)."""
     out = []

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from robustkit.errors import CheckpointError, InputError
 from robustkit.runs import RunDir
 from robustkit.zoo import RobustModel, create, load
 from tests._interrupt import Interrupt, small_trainer
+from tests._torchrun import run_script
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 
@@ -278,13 +277,7 @@ def _ddp_worker(out: str) -> None:
 @pytest.mark.slow  # ~20 s: torchrun start-up of 2 processes
 def test_ddp_teacher_identical_on_every_rank(tmp_path):
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    root = str(Path(__file__).parent.parent)
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))   # the worker imports tests.*
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
-                          cwd=str(Path(__file__).parent.parent))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_script(__file__, str(out), timeout=180)
     res = json.loads(out.read_text())
     assert res["bn_stats_differ"], "the replicas' own BN statistics differ (DDP does not sync them)"
     assert res["teacher_equal"], "the EMA teacher must be identical on every replica"

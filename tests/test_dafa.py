@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from robustkit.registry import DEFENSES
 from robustkit.runs import RunDir
 from robustkit.zoo import create
 from tests._interrupt import Interrupt, small_trainer
+from tests._torchrun import run_script
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
 S = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.4, 0.5]])
@@ -216,13 +215,7 @@ def _ddp_worker(out: str) -> None:
 @pytest.mark.slow  # ~20 s: torchrun start-up of 2 processes
 def test_ddp_weights_identical_on_every_rank(tmp_path):
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    root = str(Path(__file__).parent.parent)
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))   # the worker imports tests.*
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
-                          cwd=str(Path(__file__).parent.parent))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script(__file__, str(out), timeout=180)
     w0, w1 = json.loads(out.read_text())
     assert w0 == w1
     pooled = DAFA(**SMALL, warmup=1)                        # one process seeing both ranks' batches

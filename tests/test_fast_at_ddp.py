@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +32,8 @@ from unittest import mock
 
 import pytest
 import torch
+
+from tests._torchrun import run_script
 
 ROOT = Path(__file__).parent.parent
 CRASH_AT = 24  # 16 steps per epoch per rank: mid epoch 2; a checkpoint every 10 steps
@@ -120,11 +120,7 @@ def _worker(out: Path, mode: str) -> None:
 
 # -- the test -----------------------------------------------------------------------------------
 def _launch(out: Path, mode: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(out), mode]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_script(__file__, str(out), mode)
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:

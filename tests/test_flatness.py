@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -285,11 +284,9 @@ def test_perturbation_is_identical_on_every_replica(tmp_path):
     """SAM (adaptive) and AMP (3 inner steps) under 2-process DDP (gloo): the same perturbed weights on
     both replicas at every step, and the half-batch rule = the one-process rule on the whole batch."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from _torchrun import _env
+    from _torchrun import run_script
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(__file__, str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for name in ("sam", "amp"):
         a, b = r0[name], r1[name]
