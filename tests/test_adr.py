@@ -24,19 +24,12 @@ from defenses.weight_perturbation import AWP
 from robustkit.data import make_loader
 from robustkit.errors import CheckpointError, InputError
 from robustkit.runs import RunDir
-from robustkit.zoo import RobustModel, create, load
+from robustkit.zoo import create, load
 from tests._interrupt import Interrupt, small_trainer
+from tests._tiny import tiny_classifier as tiny
 from tests._torchrun import run_script
 
 SMALL = {"preset": "mnist", "steps": 2, "step_size": 0.15}
-
-
-def tiny(seed: int = 0, bn: bool = True) -> RobustModel:
-    """conv(1->4, stride 2) [+ BN] + ReLU + linear: (B, 1, 28, 28) -> (B, 10)."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4) if bn else nn.Identity(), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
-    return RobustModel(net, "tiny", 10, (1, 28, 28), (0.5,), (0.5,))
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from robustkit.errors import DatasetError
 from robustkit.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from robustkit.threat import ThreatModel
 from robustkit.zoo import RobustModel, create, load, save
+from tests._tiny import tiny_classifier
 
 EPS = {"linf": 0.3, "l2": 3.0}
 B = 6
@@ -67,14 +68,6 @@ def make_attack(name: str, norm: str, **kw: Any) -> Any:
         pytest.fail(f"attack {name!r} is registered but has no small configuration in ATTACK_CONFIGS "
                     f"(tests/test_contracts.py): add one so that its contract is tested")
     return ATTACKS.get(name)(norm=norm, eps=EPS[norm], **ATTACK_CONFIGS[name][1], **kw)
-
-
-def tiny_classifier(seed: int = 0, bn: bool = True) -> RobustModel:
-    """conv(1->4, 3x3, stride 2) [+ BN] + ReLU + linear: (B, 1, 28, 28) -> (B, 10), untrained."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4) if bn else nn.Identity(), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
-    return RobustModel(net, "tiny", 10, (1, 28, 28), (0.5,), (0.5,))
 
 
 @pytest.fixture(scope="module")
