@@ -109,26 +109,31 @@ class AdversarialObjective(Defense):
             return F.cross_entropy(logits.float(), probs, reduction="none")
         return F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.label_smoothing)
 
-    def start(self, x: torch.Tensor, how: str) -> torch.Tensor:
-        """Starting point of the inner maximization, inside the ball and ``[0, 1]``."""
+    def start(self, x: torch.Tensor, how: str, tm: ThreatModel | None = None) -> torch.Tensor:
+        """Starting point of the inner maximization, inside the ball (``tm``, default ``self.tm``) and ``[0, 1]``."""
+        tm = self.tm if tm is None else tm
         if how == "uniform":
-            return self.tm.random_start(x)
+            return tm.random_start(x)
         if how == "normal":  # TRADES / MART code: x + 0.001 * N(0, I) (clipped here to keep [0, 1])
-            return self.tm.project(x + 0.001 * torch.randn_like(x), x)
+            return tm.project(x + 0.001 * torch.randn_like(x), x)
         return x.clone()
 
-    def ce_ascent(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: str) -> torch.Tensor:
+    def ce_ascent(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: str,
+                  tm: ThreatModel | None = None, step_size: float | torch.Tensor | None = None) -> torch.Tensor:
         """PGD on the cross-entropy, returning the *last* iterate (as in Madry et al. / MART),
         not the first successful one that ``attacks.PGD`` keeps. ``start``: ``"uniform"`` in the
-        ball, ``"normal"`` (``x + 0.001 * randn``, the MART/TRADES code) or ``"none"`` (at ``x``)."""
+        ball, ``"normal"`` (``x + 0.001 * randn``, the MART/TRADES code) or ``"none"`` (at ``x``).
+        ``tm`` / ``step_size`` override the objective's own (e.g. per-sample ``(B,)`` budgets)."""
+        tm = self.tm if tm is None else tm
+        step = self.step_size if step_size is None else step_size
         x = x.detach()
         with eval_mode(model), torch.enable_grad():
-            x_adv = self.start(x, start)
+            x_adv = self.start(x, start, tm)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, [x_adv])                # input gradient only
-                x_adv = self.tm.project(self.tm.step(x_adv.detach(), grad, self.step_size), x)
+                x_adv = tm.project(tm.step(x_adv.detach(), grad, step), x)
         return x_adv.detach()
 
 

@@ -19,7 +19,6 @@ from torch import nn
 from defenses._adversarial import AdversarialObjective, check_positive, reduce
 from robustkit.errors import InputError
 from robustkit.mix import mixed_part
-from robustkit.modes import eval_mode
 from robustkit.registry import DEFENSES
 from robustkit.threat import ThreatModel
 
@@ -96,16 +95,8 @@ class AdaptiveSmoothing(AdversarialObjective):
         self._mixed(model)
         x = x.detach()
         factor = self.eps_low + (self.eps_high - self.eps_low) * torch.rand(x.shape[0], device=x.device)  # (B,)
-        tm = ThreatModel(self.norm, self.eps * factor)
-        step = self.step_size * factor                                                                   # (B,)
-        with eval_mode(model), torch.enable_grad():
-            x_adv = tm.random_start(x)
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, [x_adv])                # input gradient only
-                x_adv = tm.project(tm.step(x_adv.detach(), grad, step), x)
-        return x_adv.detach()
+        return self.ce_ascent(model, x, y, "uniform", tm=ThreatModel(self.norm, self.eps * factor),
+                              step_size=self.step_size * factor)                              # (B,) budgets
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, Any]]:
