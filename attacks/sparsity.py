@@ -52,6 +52,7 @@ from attacks._loop import LoopOptions, Record, run
 from attacks._losses import loss_fn
 from attacks.base import check_inputs, num_classes_of
 from robustkit.errors import InputError
+from robustkit.evaluate import predict
 from robustkit.modes import eval_mode
 from robustkit.threat import ThreatModel, parse_eps, parse_norm
 from robustkit.validate import integer, positive
@@ -137,7 +138,7 @@ class AdversarialSparsity:
         if self.norm == "linf" and lo >= hi:
             raise InputError(f"pixel_range {self.pixel_range} leaves nothing to search for images of {d} coordinates")
         with eval_mode(model):
-            correct = _predict(model, x, self.batch_size) == y                    # (N,)
+            correct = predict(model, x, self.batch_size).to(y.device) == y                    # (N,)
             vuln = correct & (self._vulnerable(model, x, y) if vulnerable is None else vulnerable.to(dev).bool())
             critical = torch.full((n, self.directions), float("nan"))
             idx = vuln.nonzero().squeeze(1).tolist()
@@ -206,16 +207,12 @@ class AdversarialSparsity:
                 LoopOptions(compact_every(x.device), self.amp), random_start=True)
             claimed = record.fooled
             if bool(claimed.any()):
-                pred = _predict(model, record.x, self.batch_size)
+                pred = predict(model, record.x, self.batch_size).to(yb.device)
                 claimed = claimed & (pred != yb) & tm.contains(record.x, xb)
             out[sl] = claimed
         return out
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]) \
-        if x.shape[0] else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
 def adversarial_sparsity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, vulnerable: torch.Tensor | None = None,
