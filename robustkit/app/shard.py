@@ -19,6 +19,7 @@ dies, torchrun stops the others; rerun with ``--resume``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -97,7 +98,17 @@ def setup(device: torch.device | str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         timeout = float(os.environ.get("ROBUSTKIT_DIST_TIMEOUT", 86400))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_teardown)
     return w, device
+
+
+def _teardown() -> None:
+    """Destroy the process group at interpreter exit: a gloo group left alive can abort the process at
+    shutdown ("terminate called without an active exception", seen once in CI on a resumed run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
